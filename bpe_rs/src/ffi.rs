@@ -371,6 +371,17 @@ pub unsafe extern "C" fn bpe_encode(t: *const BpeTokenizer, text: *const u8, len
     })
 }
 
+/// Encode arbitrary bytes (invalid UTF-8 becomes single-byte tokens), so any byte string round-trips.
+#[no_mangle]
+pub unsafe extern "C" fn bpe_encode_bytes(t: *const BpeTokenizer, data: *const u8, len: usize, out: *mut BpeU32s) -> i32 {
+    status(|| {
+        let t = &t.as_ref().ok_or("null tokenizer")?.0;
+        let mut ids = Vec::with_capacity(len / 3 + 8);
+        t.encode_bytes(bytes_arg(data, len), &mut ids);
+        BpeU32s::fill(out, ids)
+    })
+}
+
 /// Encode n texts on `num_threads` threads (0 = all cores). Output: all ids back to back and n+1 offsets.
 #[no_mangle]
 pub unsafe extern "C" fn bpe_encode_batch(

@@ -212,6 +212,27 @@ impl Tokenizer {
         }
     }
 
+    /// Encode arbitrary bytes: valid UTF-8 runs as text, every other byte as its single-byte token, so any
+    /// byte string round-trips through `decode`.
+    pub fn encode_bytes(&self, data: &[u8], out: &mut Vec<u32>) {
+        let mut rest = data;
+        while !rest.is_empty() {
+            match std::str::from_utf8(rest) {
+                Ok(_) => {
+                    self.encode_ordinary(rest, out);
+                    break;
+                }
+                Err(e) => {
+                    let good = e.valid_up_to();
+                    self.encode_ordinary(&rest[..good], out);
+                    let bad = e.error_len().unwrap_or(rest.len() - good);
+                    out.extend(rest[good..good + bad].iter().map(|&b| self.byte_rank[b as usize]));
+                    rest = &rest[good + bad..];
+                }
+            }
+        }
+    }
+
     /// Encode with special tokens handled per `modes` (one entry per special token, in `self.specials` order).
     pub fn encode(&self, text: &[u8], modes: &[SpecialMode], out: &mut Vec<u32>) -> Result<(), String> {
         if modes.len() != self.specials.len() {

@@ -306,6 +306,13 @@ class Tokenizer:
         _check(lib.bpe_encode(self._ptr, raw, len(raw), ffi.NULL, buf))
         return _take_u32(buf)
 
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Encode any bytes: valid UTF-8 runs as text, other bytes as single-byte tokens (round-trips exactly)."""
+        data = bytes(data)
+        buf = ffi.new("BpeU32s *")
+        _check(lib.bpe_encode_bytes(self._ptr, data, len(data), buf))
+        return _take_u32(buf)
+
     def encode(self, text: str, allowed_special=(), disallowed_special="all") -> list[int]:
         """tiktoken's `encode`: specials in `allowed_special` become tokens; by default any special-token text
         in `text` is an error (pass disallowed_special=() to encode it as ordinary text)."""

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# flashchat: the whole pipeline in one command, from an empty machine to a trained model.
+#
+#   ./run_speedrun.sh              set up .venv (once), then run every stage that is built so far
+#   ./run_speedrun.sh test [ARGS]  set up .venv (once), then run the test suite (ARGS go to pytest)
+#
+# Set-up is idempotent: pinned dependencies (pyproject.toml) are installed into .venv when that file changes, and
+# bpe_rs (Rust) is rebuilt when its sources change; otherwise both are reused and set-up takes a second or two.
+# Outputs go under $FLASHCHAT_BASE_DIR (default ~/.cache/flashchat). A stage whose outputs exist and load is
+# skipped, so re-running after a crash resumes.
+#
+# Environment: PYTHON (interpreter for the venv, default python3), FLASHCHAT_VENV (default ./.venv),
+# FLASHCHAT_BASE_DIR, VOCAB_SIZE (tokenizer vocabulary, default 65536).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VENV="${FLASHCHAT_VENV:-$ROOT/.venv}"
+PYTHON_BIN="${PYTHON:-python3}"
+PY="$VENV/bin/python"
+export FLASHCHAT_BASE_DIR="${FLASHCHAT_BASE_DIR:-$HOME/.cache/flashchat}"
+VOCAB_SIZE="${VOCAB_SIZE:-65536}"
+
+log() { printf '[speedrun %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+hash_files() { sha256sum "$@" | sha256sum | cut -c1-16; }
+
+# Requirement lines of pyproject.toml: [project] dependencies when no group is named, else those groups.
+read_requirements() {
+    "$PY" - pyproject.toml "$@" <<'PY'
+import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+groups = sys.argv[2:]
+reqs = [r for g in groups for r in project["optional-dependencies"][g]]
+if "corpus-nodeps" not in groups:
+    reqs = project["dependencies"] + reqs
+print("\n".join(reqs))
+PY
+}
+
+setup_env() {
+    command -v "$PYTHON_BIN" >/dev/null || die "$PYTHON_BIN not found: install Python 3.11 or newer"
+    if [ ! -x "$PY" ]; then
+        log "creating the virtual environment $VENV"
+        "$PYTHON_BIN" -m venv "$VENV"
+    fi
+    "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || die "Python 3.11+ is needed; $PY is $("$PY" --version)"
+
+    local deps_hash
+    deps_hash=$(hash_files pyproject.toml)
+    if [ ! -f "$VENV/.flashchat-deps-$deps_hash" ]; then
+        log "installing the pinned dependencies of pyproject.toml into $VENV"
+        local reqs nodeps
+        mapfile -t reqs < <(read_requirements corpus build test)
+        mapfile -t nodeps < <(read_requirements corpus-nodeps)
+        "$PY" -m pip install --disable-pip-version-check -q "${reqs[@]}"
+        "$PY" -m pip install --disable-pip-version-check -q --no-deps "${nodeps[@]}"
+        rm -f "$VENV"/.flashchat-deps-*
+        touch "$VENV/.flashchat-deps-$deps_hash"
+    fi
+
+    local src_hash
+    src_hash=$(cd bpe_rs && hash_files Cargo.toml Cargo.lock pyproject.toml $(find src python -type f -not -name '*.pyc' | sort))
+    if [ ! -f "$VENV/.flashchat-bpe_rs-$src_hash" ] || ! "$PY" -c 'import bpe_rs._native' 2>/dev/null; then
+        command -v cargo >/dev/null || die "cargo not found: bpe_rs is a Rust crate, install a Rust toolchain first"
+        log "building bpe_rs (Rust, release) and installing its wheel"
+        rm -rf bpe_rs/dist
+        "$VENV/bin/maturin" build --release --quiet -m bpe_rs/Cargo.toml -i "$PY" -o bpe_rs/dist
+        "$PY" -m pip install --disable-pip-version-check -q --force-reinstall --no-deps bpe_rs/dist/bpe_rs-*.whl
+        rm -f "$VENV"/.flashchat-bpe_rs-*
+        touch "$VENV/.flashchat-bpe_rs-$src_hash"
+    fi
+}
+
+run_tests() {
+    setup_env
+    log "running the test suite"
+    exec "$PY" -m pytest "$@"
+}
+
+run_pipeline() {
+    setup_env
+    local tier=cpu
+    if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q GPU; then
+        log "a GPU is present, but the GPU tiers (d20, d26, d32) are not built yet: running the cpu tier"
+    fi
+    local out="$FLASHCHAT_BASE_DIR/$tier"
+    mkdir -p "$out"
+    log "tier $tier, outputs in $out"
+
+    # Stage 1: tokenizer training on the offline corpus (skipped when a complete tokenizer is already there).
+    if "$PY" -c 'import sys, bpe_rs; bpe_rs.Tokenizer.load(sys.argv[1])' "$out/tokenizer" 2>/dev/null; then
+        log "stage tokenizer: done already ($out/tokenizer), skipping"
+    else
+        log "stage tokenizer: training a $VOCAB_SIZE-token BPE vocabulary on the offline corpus"
+        "$PY" -m train.tok_train --vocab-size "$VOCAB_SIZE" --out "$out/tokenizer"
+    fi
+
+    # Stage 2: tokenizer evaluation (bytes per token against the reference tokenizers available offline).
+    log "stage tokenizer evaluation"
+    "$PY" -m train.tok_eval --tokenizer "$out/tokenizer" --out "$out/tok_eval.md"
+
+    log "done. Built so far: tokenizer training and evaluation."
+    log "not built yet: base pretraining, mid-training, SFT, GRPO, chat evaluation, report.md, chat CLI and web UI."
+}
+
+case "${1:-}" in
+    test) shift; run_tests "$@" ;;
+    "") run_pipeline ;;
+    -h|--help) sed -n '2,15p' "$0" ;;
+    *) die "unknown argument '$1' (usage: ./run_speedrun.sh [test [pytest args]])" ;;
+esac
