@@ -45,14 +45,32 @@ def tok(corpus_text) -> bpe_rs.Tokenizer:
 
 # ---- pre-tokenizer vs the regex package ------------------------------------------------------------------------
 
-# Characters assigned in the Unicode version our tables come from (newer code points may differ from `regex`).
-assigned = st.characters(exclude_categories=("Cs", "Cn")).filter(
-    lambda c: unicodedata.category(c) != "Cn"
-)
+# Characters assigned in the Unicode version of bpe_rs's tables (16.0, tiktoken's); `regex` knows newer ones.
+assigned = st.characters(exclude_categories=("Cs",)).filter(lambda c: bpe_rs.char_class(c) != "unassigned")
 interesting = st.sampled_from(
     list("aZé中한ß' \t\r\n\u00a0\u3000\u2028\x0b\x85.,!?-_#\"'0123456789٣١ſsdmtlLvVeErR😀👍\u0301\u200d")
 )
 texts = st.text(st.one_of(interesting, interesting, assigned), max_size=60)
+
+
+def test_character_classes_match_regex_on_every_code_point():
+    # The generated tables against `regex`'s \p{L}, \p{N}, \s, for every code point assigned in our version.
+    assert bpe_rs.unicode_version() == "16.0.0"
+    classify = regex.compile(r"(\p{L})|(\p{N})|(\s)")
+    names = {1: "letter", 2: "number", 3: "space"}
+    wrong = []
+    for cp in range(0x110000):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        ch = chr(cp)
+        ours = bpe_rs.char_class(ch)
+        if ours == "unassigned":
+            continue
+        m = classify.match(ch)
+        theirs = names[m.lastindex] if m else "other"
+        if ours != theirs:
+            wrong.append(f"U+{cp:04X} {unicodedata.name(ch, '?')}: ours {ours}, regex {theirs}")
+    assert not wrong, "\n".join(wrong[:20])
 
 
 @pytest.mark.parametrize("digits", [1, 2, 3])

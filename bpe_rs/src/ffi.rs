@@ -181,6 +181,17 @@ pub unsafe extern "C" fn bpe_pattern_digits(pattern: *const u8, len: usize) -> u
     })
 }
 
+/// Class of a code point in the generated tables: 0 other, 1 letter, 2 number, 3 white space, 4 unassigned;
+/// 255 past U+10FFFF.
+#[no_mangle]
+pub extern "C" fn bpe_char_class(cp: u32) -> u8 {
+    if cp >= 0x110000 {
+        255
+    } else {
+        crate::pretok::table_class(cp)
+    }
+}
+
 #[no_mangle]
 pub extern "C" fn bpe_unicode_version(out: *mut BpeBytes) -> i32 {
     status(|| BpeBytes::fill(out, crate::UNICODE_VERSION.as_bytes().to_vec()))

@@ -70,8 +70,12 @@ const fn ascii_classes() -> [u8; 128] {
 }
 static ASCII_CLASS: [u8; 128] = ascii_classes();
 
+/// Class as stored in the table: OTHER, LETTER, NUMBER, SPACE, or UNASSIGNED (a code point with no character
+/// in the tables' Unicode version; the pre-tokenizer treats it as OTHER).
+pub const UNASSIGNED: u8 = 4;
+
 #[inline]
-pub fn class_of(cp: u32) -> u8 {
+pub fn table_class(cp: u32) -> u8 {
     if cp < 128 {
         ASCII_CLASS[cp as usize]
     } else {
@@ -79,6 +83,12 @@ pub fn class_of(cp: u32) -> u8 {
         let block = t.stage1[(cp >> BLOCK_BITS) as usize] as usize;
         t.stage2[block * BLOCK + (cp as usize & (BLOCK - 1))]
     }
+}
+
+/// Pre-tokenizer class of a code point (< 0x110000): OTHER, LETTER, NUMBER or SPACE.
+#[inline]
+pub fn class_of(cp: u32) -> u8 {
+    table_class(cp) & 3 // UNASSIGNED (4) -> OTHER (0)
 }
 
 /// Decode the UTF-8 character starting at `s[i]`; `s` must be valid UTF-8 and `i` a character boundary.

@@ -34,10 +34,13 @@ __all__ = [
     "StreamDecoder",
     "Tokenizer",
     "Trainer",
+    "char_class",
     "pattern",
+    "pattern_digits",
     "pretokenize",
     "train_from_files",
     "train_from_iterator",
+    "unicode_version",
 ]
 
 # DESIGN.md: the 9 special tokens, appended after the merges (ids vocab_size-9 .. vocab_size-1).
@@ -135,6 +138,17 @@ def unicode_version() -> str:
     buf = ffi.new("BpeBytes *")
     _check(lib.bpe_unicode_version(buf))
     return _take_bytes(buf).decode()
+
+
+_CLASS_NAMES = ("other", "letter", "number", "space", "unassigned")
+
+
+def char_class(ch: str) -> str:
+    """Pre-tokenizer class of one character: letter (\\p{L}), number (\\p{N}), space (\\s), other, or unassigned
+    (no character in the tables' Unicode version, see `unicode_version()`; pre-tokenized as other)."""
+    if not isinstance(ch, str) or len(ch) != 1:
+        raise TypeError("char_class takes a single character")
+    return _CLASS_NAMES[lib.bpe_char_class(ord(ch))]
 
 
 def pretokenize(text: str, max_digits: int = DEFAULT_MAX_DIGITS) -> list[str]:
