@@ -3,7 +3,7 @@
 `python_source(mb)`: the CPython standard library's .py files (sorted by path), then the venv's site-packages
 .py files, until `mb` megabytes -- "Python source" as in the issue's anchor numbers (50 MB, vocab 32,768).
 `text_files(gb)`: for the memory test, UTF-8 text files of many kinds (.py .c .h .rst .md .txt .html .js ...)
-found under the interpreter's prefix, the venv and /usr/share, deduplicated by content, until `gb` gigabytes.
+found under the interpreter's prefix, the venv, /usr and ~/.rustup, deduplicated by content, until `gb` gigabytes.
 Files that are not valid UTF-8 are skipped. Nothing here is generated or repeated.
 """
 
@@ -56,7 +56,10 @@ def python_source(mb: float) -> list[str]:
 def text_files(gb: float) -> list[Path]:
     """Distinct UTF-8 text files totalling at least `gb` GB, or all that were found."""
     limit = int(gb * 1e9)
-    roots = [Path(sys.base_prefix), Path(sys.prefix), Path("/usr/share"), Path("/usr/lib"), Path("/usr/include")]
+    # Interpreter and venv (Python, C headers, docs), the system's shared text, and the Rust toolchain's docs and
+    # sources (present wherever bpe_rs was built: rustup installs them).
+    roots = [Path(sys.base_prefix), Path(sys.prefix), Path("/usr/share"), Path("/usr/lib"), Path("/usr/include"),
+             Path.home() / ".rustup"]
     out, total, seen = [], 0, set()
     for root in roots:
         if not root.is_dir():

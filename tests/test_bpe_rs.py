@@ -337,3 +337,19 @@ def test_rust_panic_becomes_python_exception():
         bpe_rs._debug_panic()
     # The library still works afterwards.
     assert bpe_rs.pretokenize("still fine") == ["still", " fine"]
+
+
+@pytest.mark.slow
+def test_rust_unit_tests():
+    # The crate's own tests (pre-tokenizer cases, merge paths, base64, thread-count determinism).
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    cargo = shutil.which("cargo")
+    assert cargo, "cargo is needed to build bpe_rs"
+    crate = Path(__file__).resolve().parent.parent / "bpe_rs"
+    out = subprocess.run([cargo, "test", "--release", "--quiet"], cwd=crate, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "test result: ok" in out.stdout

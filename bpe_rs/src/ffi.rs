@@ -244,9 +244,10 @@ pub unsafe extern "C" fn bpe_trainer_feed_file(t: *mut BpeTrainer, path: *const 
 
 /// Unique chunks and bytes counted so far.
 #[no_mangle]
-pub unsafe extern "C" fn bpe_trainer_stats(t: *const BpeTrainer, unique_chunks: *mut u64, num_bytes: *mut u64) -> i32 {
+pub unsafe extern "C" fn bpe_trainer_stats(t: *mut BpeTrainer, unique_chunks: *mut u64, num_bytes: *mut u64) -> i32 {
     status(|| {
-        let t = t.as_ref().ok_or("null trainer")?;
+        let t = t.as_mut().ok_or("null trainer")?;
+        t.0.flush();
         *unique_chunks.as_mut().ok_or("null")? = t.0.counts.len() as u64;
         *num_bytes.as_mut().ok_or("null")? = t.0.num_bytes;
         Ok(())

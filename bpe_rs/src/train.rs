@@ -33,6 +33,9 @@ pub struct Trainer {
     pub num_threads: usize,
     pub counts: FxHashMap<Box<[u8]>, u64>,
     pub num_bytes: u64,
+    /// File blocks read but not counted yet (see `flush`).
+    pending: Vec<Vec<u8>>,
+    pending_bytes: usize,
 }
 
 pub fn default_threads() -> usize {
@@ -42,7 +45,19 @@ pub fn default_threads() -> usize {
 impl Trainer {
     pub fn new(pretok: Pretokenizer, num_threads: usize) -> Self {
         let num_threads = if num_threads == 0 { default_threads() } else { num_threads };
-        Trainer { pretok, num_threads, counts: new_map(1 << 16), num_bytes: 0 }
+        Trainer { pretok, num_threads, counts: new_map(1 << 16), num_bytes: 0, pending: Vec::new(), pending_bytes: 0 }
+    }
+
+    /// Count the queued file blocks.
+    pub fn flush(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        let mut pieces: Vec<&[u8]> = Vec::new();
+        for block in &pending {
+            pieces.extend(split_for_threads(block, PIECE_BYTES));
+            self.num_bytes += block.len() as u64;
+        }
+        self.count_pieces(&pieces);
+        self.pending_bytes = 0;
     }
 
     /// Count the chunks of `texts` (each valid UTF-8; checked).
@@ -61,7 +76,8 @@ impl Trainer {
         Ok(())
     }
 
-    /// Count the chunks of plain-text files, read in blocks cut at safe points.
+    /// Queue a plain-text file for counting, read in blocks cut at safe points (counted by `flush`, which runs
+    /// whenever enough is queued, and before stats or training).
     pub fn feed_file(&mut self, path: &std::path::Path) -> Result<(), String> {
         let name = path.display();
         let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open {name}: {e}"))?;
@@ -70,18 +86,13 @@ impl Trainer {
         let mut eof = false;
         while !eof || !buf.is_empty() {
             if !eof {
+                // read_to_end grows the buffer only as far as the data goes: a small file costs a small buffer.
                 let old = buf.len();
-                buf.resize(old + FILE_BLOCK, 0);
-                let mut filled = old;
-                while filled < buf.len() {
-                    let n = file.read(&mut buf[filled..]).map_err(|e| format!("cannot read {name}: {e}"))?;
-                    if n == 0 {
-                        eof = true;
-                        break;
-                    }
-                    filled += n;
-                }
-                buf.truncate(filled);
+                (&mut file)
+                    .take(FILE_BLOCK as u64)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| format!("cannot read {name}: {e}"))?;
+                eof = buf.len() - old < FILE_BLOCK;
             }
             // Process up to the last safe cut (or everything at end of file); keep the tail for the next block.
             let cut = if eof { buf.len() } else { last_safe_cut(&buf).unwrap_or(0) };
@@ -92,10 +103,11 @@ impl Trainer {
             if let Err(e) = std::str::from_utf8(block) {
                 return Err(format!("{name} is not valid UTF-8 at byte offset {}", offset + e.valid_up_to() as u64));
             }
-            if std::str::from_utf8(block).is_ok() {
-                let pieces = split_for_threads(block, PIECE_BYTES);
-                self.count_pieces(&pieces);
-                self.num_bytes += block.len() as u64;
+            // Queue the block; blocks of many small files are counted together so all threads have work.
+            self.pending_bytes += block.len();
+            self.pending.push(block.to_vec());
+            if self.pending_bytes >= FILE_BLOCK {
+                self.flush();
             }
             buf.drain(..cut);
             offset += cut as u64;
@@ -160,6 +172,7 @@ impl Trainer {
                 specials.len()
             ));
         }
+        self.flush();
         if self.counts.is_empty() {
             return Err("the training corpus is empty: no text was fed to the trainer".into());
         }
