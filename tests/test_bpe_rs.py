@@ -191,6 +191,10 @@ def test_encode_batch_equals_encode(tok):
     for threads in (1, 2, 0):
         assert tok.encode_ordinary_batch(texts, num_threads=threads) == [tok.encode_ordinary(t) for t in texts]
     assert tok.encode_batch(["<|bos|>hi"], allowed_special="all") == [[tok.bos_id] + tok.encode("hi")]
+    ids, offsets = tok.encode_batch_flat(texts)
+    assert ids.itemsize == 4 and len(offsets) == len(texts) + 1
+    assert [ids[offsets[k] : offsets[k + 1]].tolist() for k in range(len(texts))] == tok.encode_ordinary_batch(texts)
+    assert tok.encode_batch_flat([]) == (ids[:0], offsets[:1])
 
 
 def test_special_tokens(tok):

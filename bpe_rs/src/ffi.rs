@@ -131,6 +131,9 @@ unsafe fn blob_slices<'a>(blob: *const u8, offsets: *const usize, n: usize) -> R
     }
     let offs = std::slice::from_raw_parts(offsets, n + 1);
     let total = offs[n];
+    if blob.is_null() && total > 0 {
+        return Err("null data pointer".into());
+    }
     let data: &[u8] = if total == 0 { &[] } else { std::slice::from_raw_parts(blob, total) };
     let mut out = Vec::with_capacity(n);
     for k in 0..n {
@@ -143,8 +146,9 @@ unsafe fn blob_slices<'a>(blob: *const u8, offsets: *const usize, n: usize) -> R
     Ok(out)
 }
 
+/// A byte slice argument; NULL is accepted only with length 0 (and then means empty).
 unsafe fn bytes_arg<'a>(data: *const u8, len: usize) -> &'a [u8] {
-    if len == 0 {
+    if len == 0 || data.is_null() {
         &[]
     } else {
         std::slice::from_raw_parts(data, len)
@@ -290,6 +294,9 @@ pub unsafe extern "C" fn bpe_tokenizer_from_ranks(
         let p = Pretokenizer::new(max_digits)?;
         let decoder = parse_ranks(bytes_arg(ranks, ranks_len))?;
         let texts = blob_slices(specials_blob, specials_offsets, num_specials)?;
+        if special_ids.is_null() && num_specials > 0 {
+            return Err("null special ids".into());
+        }
         let ids: &[u32] = if num_specials == 0 { &[] } else { std::slice::from_raw_parts(special_ids, num_specials) };
         let specials = texts.iter().zip(ids).map(|(t, &id)| Special { text: t.to_vec(), id }).collect();
         Ok(Box::into_raw(Box::new(BpeTokenizer(Tokenizer::new(p, decoder, specials)?))))
@@ -308,6 +315,9 @@ pub unsafe extern "C" fn bpe_tokenizer_free(t: *mut BpeTokenizer) {
 pub unsafe extern "C" fn bpe_tokenizer_info(t: *const BpeTokenizer, out4: *mut u64) -> i32 {
     status(|| {
         let t = &t.as_ref().ok_or("null tokenizer")?.0;
+        if out4.is_null() {
+            return Err("null output pointer".into());
+        }
         let out = std::slice::from_raw_parts_mut(out4, 4);
         out[0] = t.num_ranks() as u64;
         out[1] = t.specials.len() as u64;
@@ -464,6 +474,9 @@ pub unsafe extern "C" fn bpe_encode_batch(
 pub unsafe extern "C" fn bpe_decode(t: *const BpeTokenizer, ids: *const u32, n: usize, out: *mut BpeBytes) -> i32 {
     status(|| {
         let t = &t.as_ref().ok_or("null tokenizer")?.0;
+        if ids.is_null() && n > 0 {
+            return Err("null ids pointer".into());
+        }
         let ids: &[u32] = if n == 0 { &[] } else { std::slice::from_raw_parts(ids, n) };
         let mut bytes = Vec::with_capacity(n * 4);
         t.decode(ids, &mut bytes)?;
@@ -477,8 +490,8 @@ pub unsafe extern "C" fn bpe_decode(t: *const BpeTokenizer, ids: *const u32, n: 
 pub unsafe extern "C" fn bpe_token_byte_lengths(t: *const BpeTokenizer, out: *mut u32, n: usize) -> i32 {
     status(|| {
         let t = &t.as_ref().ok_or("null tokenizer")?.0;
-        if n != t.vocab_size() {
-            return Err(format!("output has {n} entries, vocab_size is {}", t.vocab_size()));
+        if n != t.vocab_size() || out.is_null() {
+            return Err(format!("output must have vocab_size = {} entries, got {n}", t.vocab_size()));
         }
         let out = std::slice::from_raw_parts_mut(out, n);
         out.fill(0);

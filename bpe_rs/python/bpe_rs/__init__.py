@@ -17,6 +17,7 @@ Files are pickle-free: a tiktoken ranks file (`base64(bytes) rank` per line, loa
 
 from __future__ import annotations
 
+import array
 import codecs
 import hashlib
 import json
@@ -346,17 +347,38 @@ class Tokenizer:
     def encode_ordinary_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
         return self._encode_batch(texts, ffi.NULL, num_threads)
 
+    def encode_batch_flat(
+        self, texts: Sequence[str], allowed_special=(), disallowed_special="all", num_threads: int = 0
+    ) -> tuple[array.array, array.array]:
+        """`encode_batch` without building Python lists: all ids back to back as array('I') (uint32) and
+        len(texts)+1 offsets as array('Q'); text k is ids[offsets[k]:offsets[k+1]]. Both are buffers, so
+        `numpy.frombuffer(ids, dtype=numpy.uint32)` views them without a copy. This is the fast path for
+        tokenizing a corpus into shards: building millions of Python ints costs as much as encoding them."""
+        modes = _special_modes(self, allowed_special, disallowed_special)
+        ids_buf, offs_buf = self._encode_batch_raw(texts, modes, num_threads)
+        try:
+            ids = array.array("I", bytes(ffi.buffer(ids_buf.data, ids_buf.len * 4)) if ids_buf.len else b"")
+            offsets = array.array("Q", ffi.unpack(offs_buf.data, offs_buf.len))
+            return ids, offsets
+        finally:
+            lib.bpe_u32s_free(ids_buf)
+            lib.bpe_sizes_free(offs_buf)
+
     def _encode_batch(self, texts: Sequence[str], modes, num_threads: int) -> list[list[int]]:
+        ids_buf, offs_buf = self._encode_batch_raw(texts, modes, num_threads)
+        try:
+            offs = ffi.unpack(offs_buf.data, offs_buf.len)
+            return [ffi.unpack(ids_buf.data + offs[k], offs[k + 1] - offs[k]) for k in range(len(offs) - 1)]
+        finally:
+            lib.bpe_u32s_free(ids_buf)
+            lib.bpe_sizes_free(offs_buf)
+
+    def _encode_batch_raw(self, texts: Sequence[str], modes, num_threads: int):
         raws = [_utf8(t) for t in texts]
         blob, offsets, _keep = _blob(raws)
         ids_buf, offs_buf = ffi.new("BpeU32s *"), ffi.new("BpeSizes *")
         _check(lib.bpe_encode_batch(self._ptr, blob, offsets, len(raws), modes, num_threads, ids_buf, offs_buf))
-        try:
-            offs = ffi.unpack(offs_buf.data, offs_buf.len)
-            return [ffi.unpack(ids_buf.data + offs[k], offs[k + 1] - offs[k]) for k in range(len(raws))]
-        finally:
-            lib.bpe_u32s_free(ids_buf)
-            lib.bpe_sizes_free(offs_buf)
+        return ids_buf, offs_buf
 
     # ---- decoding --------------------------------------------------------------------------------------------
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
