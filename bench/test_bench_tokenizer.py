@@ -84,7 +84,7 @@ def test_encode_batch_bpe_rs(benchmark, tok, tiktoken_enc, docs):
 @pytest.mark.benchmark(group="encode-all-threads")
 def test_encode_batch_flat_bpe_rs(benchmark, tok, docs):
     # The same work returning flat uint32 arrays (what a shard writer wants) instead of Python lists.
-    benchmark.pedantic(tok.encode_batch_flat, args=(docs,), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(tok.encode_batch_flat, args=(docs,), kwargs={"disallowed_special": ()}, rounds=3, warmup_rounds=1)
     record(benchmark, "encodeN_flat_ours", nbytes(docs))
 
 
