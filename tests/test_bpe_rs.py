@@ -139,6 +139,21 @@ def test_training_from_files_equals_iterator(tmp_path, corpus_text):
     assert from_files == from_iter
 
 
+def test_trainer_fed_from_several_python_threads(corpus_text):
+    # cffi releases the GIL, so threads really do call into one trainer at once; counts are sums, so the
+    # result must equal feeding everything from one thread.
+    import threading
+
+    docs = [corpus_text[i : i + 5000] for i in range(0, len(corpus_text), 5000)]
+    trainer = bpe_rs.Trainer()
+    threads = [threading.Thread(target=trainer.feed, args=(docs[k::4],), kwargs={"batch_size": 2}) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert trainer.train(1000).vocab() == bpe_rs.train_from_iterator(docs, vocab_size=1000).vocab()
+
+
 def test_trainer_stats_and_max_chars():
     tr = bpe_rs.Trainer()
     used = tr.feed(["abc def", "ghi jkl"], max_chars=10)

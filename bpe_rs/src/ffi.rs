@@ -208,13 +208,21 @@ pub extern "C" fn bpe_default_threads() -> usize {
 
 // ---- training -----------------------------------------------------------------------------------------------
 
-pub struct BpeTrainer(Trainer);
+/// The trainer behind a mutex: cffi releases the GIL, so two Python threads may call into one trainer at once.
+pub struct BpeTrainer(std::sync::Mutex<Trainer>);
+
+impl BpeTrainer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Trainer> {
+        // A panic while counting poisons the mutex; the counts may be partial, but they stay memory-safe.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 #[no_mangle]
 pub extern "C" fn bpe_trainer_new(max_digits: u32, num_threads: usize) -> *mut BpeTrainer {
     guard(std::ptr::null_mut(), || {
         let p = Pretokenizer::new(max_digits)?;
-        Ok(Box::into_raw(Box::new(BpeTrainer(Trainer::new(p, num_threads)))))
+        Ok(Box::into_raw(Box::new(BpeTrainer(std::sync::Mutex::new(Trainer::new(p, num_threads))))))
     })
 }
 
@@ -229,9 +237,9 @@ pub unsafe extern "C" fn bpe_trainer_free(t: *mut BpeTrainer) {
 #[no_mangle]
 pub unsafe extern "C" fn bpe_trainer_feed(t: *mut BpeTrainer, blob: *const u8, offsets: *const usize, n: usize) -> i32 {
     status(|| {
-        let t = t.as_mut().ok_or("null trainer")?;
+        let t = t.as_ref().ok_or("null trainer")?;
         let texts = blob_slices(blob, offsets, n)?;
-        t.0.feed(&texts)
+        t.lock().feed(&texts)
     })
 }
 
@@ -239,10 +247,10 @@ pub unsafe extern "C" fn bpe_trainer_feed(t: *mut BpeTrainer, blob: *const u8, o
 #[no_mangle]
 pub unsafe extern "C" fn bpe_trainer_feed_file(t: *mut BpeTrainer, path: *const u8, len: usize) -> i32 {
     status(|| {
-        let t = t.as_mut().ok_or("null trainer")?;
+        let t = t.as_ref().ok_or("null trainer")?;
         use std::os::unix::ffi::OsStrExt;
         let p = std::path::Path::new(std::ffi::OsStr::from_bytes(bytes_arg(path, len)));
-        t.0.feed_file(p)
+        t.lock().feed_file(p)
     })
 }
 
@@ -250,10 +258,11 @@ pub unsafe extern "C" fn bpe_trainer_feed_file(t: *mut BpeTrainer, path: *const 
 #[no_mangle]
 pub unsafe extern "C" fn bpe_trainer_stats(t: *mut BpeTrainer, unique_chunks: *mut u64, num_bytes: *mut u64) -> i32 {
     status(|| {
-        let t = t.as_mut().ok_or("null trainer")?;
-        t.0.flush();
-        *unique_chunks.as_mut().ok_or("null")? = t.0.counts.len() as u64;
-        *num_bytes.as_mut().ok_or("null")? = t.0.num_bytes;
+        let t = t.as_ref().ok_or("null trainer")?;
+        let mut t = t.lock();
+        t.flush();
+        *unique_chunks.as_mut().ok_or("null")? = t.counts.len() as u64;
+        *num_bytes.as_mut().ok_or("null")? = t.num_bytes;
         Ok(())
     })
 }
@@ -268,9 +277,9 @@ pub unsafe extern "C" fn bpe_trainer_train(
     num_specials: usize,
 ) -> *mut BpeTokenizer {
     guard(std::ptr::null_mut(), || {
-        let t = t.as_mut().ok_or("null trainer")?;
+        let t = t.as_ref().ok_or("null trainer")?;
         let specials = blob_slices(specials_blob, specials_offsets, num_specials)?;
-        let tok = t.0.train(vocab_size, specials.iter().map(|s| s.to_vec()).collect())?;
+        let tok = t.lock().train(vocab_size, specials.iter().map(|s| s.to_vec()).collect())?;
         Ok(Box::into_raw(Box::new(BpeTokenizer(tok))))
     })
 }
