@@ -1,5 +1,32 @@
-"""Triton kernels, each beside a plain-torch twin with the same signature (DESIGN.md "Kernels").
+"""Triton kernels, each beside its plain-torch twin with the same signature; the one door into them.
 
-Not built yet: fused RMSNorm, QK-norm + rotary, chunked cross-entropy with bits-per-byte, Newton-Schulz,
-FlashAttention and paged attention arrive with their issues. Nothing is exported until then.
+    import kernels as K
+    y = K.rmsnorm(x)              # the Triton kernel on CUDA tensors, the twin elsewhere (see _dispatch)
+    y_ref = K.rmsnorm_ref(x)      # the twin, for tests and benches
+
+Ops: rmsnorm, qk_norm_rope, relu2, linear_cross_entropy, newton_schulz. FlashAttention and paged attention
+arrive with issue 4.
 """
+
+from kernels._dispatch import backend, set_backend, which
+from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from kernels.newton_schulz import newton_schulz, newton_schulz_ref
+from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from kernels.relu2 import relu2, relu2_ref
+from kernels.rmsnorm import rmsnorm, rmsnorm_ref
+
+__all__ = [
+    "backend",
+    "linear_cross_entropy",
+    "linear_cross_entropy_ref",
+    "newton_schulz",
+    "newton_schulz_ref",
+    "qk_norm_rope",
+    "qk_norm_rope_ref",
+    "relu2",
+    "relu2_ref",
+    "rmsnorm",
+    "rmsnorm_ref",
+    "set_backend",
+    "which",
+]
