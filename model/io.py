@@ -1,0 +1,129 @@
+"""Model weights on disk: one directory with `model.safetensors` (every persistent tensor) and `config.json`.
+
+    save_model(model, "ckpt/d20")                   # atomic: a tmp directory, fsync, rename into place
+    model = load_model("ckpt/d20", device="cuda")   # checks keys, shapes and dtypes, naming the tensor at fault
+
+config.json = {"format": "flashchat-model/1", "config": ModelConfig.to_dict()}. safetensors holds no code
+(unlike a pickled torch.save), so loading a checkpoint cannot execute anything. The rotary tables are
+non-persistent buffers: rebuilt from the config at load, never stored.
+`write_model_files` writes the two files into a directory the caller owns, for checkpoint writers (train/)
+that build a larger directory (optimizer shards, loader state) and make that atomic themselves.
+Limits: a directory rename is atomic on one POSIX filesystem; replacing an existing directory moves it aside
+first, so a crash in between leaves the old copy under `.<name>.old-<pid>` beside it, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig
+from model.gpt import GPT
+
+FORMAT = "flashchat-model/1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be loaded into the model its config describes."""
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_model_files(model: GPT, directory: str | os.PathLike) -> Path:
+    """Write model.safetensors and config.json into `directory` (created if needed) and fsync both."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    # Contiguous CPU copies: safetensors refuses views of shared storage, and a sliced/transposed tensor
+    # would otherwise be saved with its whole base.
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(d / WEIGHTS_FILE), metadata={"format": FORMAT})
+    meta = {"format": FORMAT, "config": model.config.to_dict()}
+    (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", "utf-8")
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        _fsync_path(d / name)
+    return d
+
+
+def save_model(model: GPT, directory: str | os.PathLike) -> Path:
+    """Atomically (re)place `directory` with the model's weights and config."""
+    d = Path(directory)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = d.with_name(f".{d.name}.tmp-{os.getpid()}")
+    old = d.with_name(f".{d.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_model_files(model, tmp)
+        _fsync_path(tmp)
+        if d.exists():
+            os.replace(d, old)
+        os.replace(tmp, d)
+        _fsync_path(d.parent)  # the rename itself is durable only once the parent directory is synced
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return d
+
+
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: is {directory} a directory written by save_model?")
+    try:
+        meta = json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    try:
+        return ModelConfig.from_dict(meta.get("config"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad model config: {e}") from None
+
+
+def load_model(directory: str | os.PathLike, device: torch.device | str = "cpu",
+               compute_dtype: torch.dtype = torch.float32) -> GPT:
+    """The model saved in `directory`, on `device`. Every stored tensor must match the model's parameter of
+    the same name in shape and dtype; missing or unexpected names are errors (no partial loads)."""
+    config = load_config(directory)
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found (the directory has {CONFIG_FILE} but no weights)")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    with torch.device("meta"):
+        model = GPT(config, compute_dtype)
+    expected = model.state_dict()  # meta tensors: names, shapes and dtypes, no storage
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match the model of its config: missing tensors {missing}, "
+                              f"unexpected tensors {unexpected}")
+    for name, want in expected.items():
+        got = tensors[name]
+        if got.shape != want.shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(got.shape)}, the model expects "
+                                  f"{tuple(want.shape)}")
+        if got.dtype != want.dtype:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {got.dtype}, the model expects {want.dtype}")
+    model.to_empty(device=device)
+    model.load_state_dict(tensors, strict=True)
+    model.init_buffers()
+    return model
