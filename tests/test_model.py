@@ -296,7 +296,6 @@ def _loss_and_grads(model, idx, tgt):
 TRITON_CFG = dict(vocab_size=200, n_kv_head=2, value_embeds=True, window_pattern="SL", short_window=8)
 
 
-@pytest.mark.xfail(raises=NotImplementedError, strict=False, reason="Triton kernels land with issue 3")
 def test_triton_kernels_match_twins_through_the_model():
     # fp32 under the Triton interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU).
     cfg = tiny(**TRITON_CFG)
@@ -314,7 +313,6 @@ def test_triton_kernels_match_twins_through_the_model():
         torch.testing.assert_close(grads_tri[name], grads_ref[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
-@pytest.mark.xfail(raises=NotImplementedError, strict=False, reason="Triton kernels land with issue 3")
 def test_training_steps_with_and_without_kernels_agree():
     cfg = tiny(**TRITON_CFG)
     idx, tgt = batch(cfg, B=2, T=16)
