@@ -79,6 +79,16 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
     return choice
 
 
+def mode() -> str:
+    """The current mode ("auto", "triton" or "ref"), for ops with more than two backends (attention)."""
+    return _current()
+
+
+def record(op: str, backend_name: str) -> None:
+    """Note which backend `op` ran, for ops that choose among more than two backends themselves."""
+    _last[op] = backend_name
+
+
 def which(op: str) -> str | None:
-    """The backend `op` used on its last call ("triton" or "ref"), or None if it has not run."""
+    """The backend `op` used on its last call ("triton", "ref", or another recorded name), or None."""
     return _last.get(op)
