@@ -4,11 +4,12 @@
     y = K.rmsnorm(x)              # the Triton kernel on CUDA tensors, the twin elsewhere (see _dispatch)
     y_ref = K.rmsnorm_ref(x)      # the twin, for tests and benches
 
-Training ops: rmsnorm, qk_norm_rope, relu2, linear_cross_entropy, newton_schulz (and FlashAttention, issue 4).
+Training ops: attention (FlashAttention), rmsnorm, qk_norm_rope, relu2, linear_cross_entropy, newton_schulz.
 Inference ops: kv_store (write k/v into the paged pool), paged_attention_decode, paged_attention_prefill.
 """
 
 from kernels._dispatch import backend, set_backend, which
+from kernels.attention import attention, attention_ref
 from kernels.kv_cache import kv_store, kv_store_ref
 from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from kernels.newton_schulz import newton_schulz, newton_schulz_ref
@@ -23,6 +24,8 @@ from kernels.relu2 import relu2, relu2_ref
 from kernels.rmsnorm import rmsnorm, rmsnorm_ref
 
 __all__ = [
+    "attention",
+    "attention_ref",
     "backend",
     "kv_store",
     "kv_store_ref",

@@ -1,58 +1,60 @@
 """Attention with explicit metadata: `attend(q, k, v, meta, window)`; nothing is read from global state.
 
-    meta = AttentionMeta.dense_causal(T, windows=cfg.layer_windows(), device=x.device)   # once per forward
-    y = attend(q, k, v, meta, window)                                                    # in every layer
+    meta = AttentionMeta.dense_causal(T)       # once per forward (or .packed(cu_seqlens) for document masking)
+    y = attend(q, k, v, meta, window)           # in every layer, with that layer's window
 
 q: (B, T, H, D), k and v: (B, T, Hkv, D) with H a multiple of Hkv (GQA); returns (B, T, H, D) in q's dtype.
 Softmax scale 1/√D (QK-norm's ×1.2 on q and k is applied before, by the caller). Window convention as
 FlashAttention's window_size=(w, 0) and nanochat: with window w a query at position i sees keys i−w .. i; None
 means the whole causal prefix.
 
-Kinds: "dense_causal" only (training and full-sequence scoring; every row of the batch starts at position 0).
-Limits: this path is torch SDPA. Full causal layers use `is_causal` (SDPA's flash/memory-efficient kernels on
-GPU); sliding-window layers need an explicit (T, T) boolean mask, which SDPA serves with its slower math or
-memory-efficient kernel — nanochat's README says the same and recommends window pattern "L" without FA3.
-Issue 4 adds FlashAttention and paged (KV-cache) metadata behind this same call.
+Kinds: "dense_causal" (training and full-sequence scoring; every row starts at position 0) and "packed"
+(B = 1 holding several documents back to back, `cu_seqlens` their boundaries: attention stays inside each
+document). The computation is `K.attention`, which picks its backend itself: the flash_attn package or our
+Triton FlashAttention on GPU (sliding windows skip the hidden tiles), torch SDPA on the CPU. Paged (KV-cache)
+metadata for inference arrives with the engine, behind this same call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-KINDS = ("dense_causal",)
+import kernels as K
+
+KINDS = ("dense_causal", "packed")
 
 
 @dataclass(frozen=True)
 class AttentionMeta:
-    """What `attend` needs to know about the batch beyond q, k, v. Build one per forward, share it across
-    layers: the sliding-window masks are made here once, not once per layer."""
+    """What `attend` needs to know about the batch beyond q, k, v. Build one per forward; share it across layers."""
 
     kind: str
     seq_len: int  # T of q and k
-    # window → (T, T) bool mask, True = may attend; only for windows that are shorter than the sequence.
-    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    cu_seqlens: torch.Tensor | None = None  # "packed": (num_docs + 1,) int32 document boundaries along T
+    max_seqlen: int | None = None  # "packed": the longest document
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"attention kind must be one of {KINDS}, got {self.kind!r}")
+        if (self.kind == "packed") != (self.cu_seqlens is not None):
+            raise ValueError("cu_seqlens goes with kind 'packed', and only with it")
 
     @classmethod
-    def dense_causal(cls, seq_len: int, windows=(), device: torch.device | str = "cpu") -> AttentionMeta:
-        """Every row attends causally from position 0; `windows` are the per-layer spans that will be asked for
-        (None entries mean full causal and need no mask)."""
-        masks = {}
-        for w in set(windows):
-            if w is not None and not _is_full(w, seq_len):
-                masks[w] = sliding_window_mask(seq_len, w, device)
-        return cls("dense_causal", seq_len, masks)
+    def dense_causal(cls, seq_len: int) -> AttentionMeta:
+        """Every row attends causally from position 0."""
+        return cls("dense_causal", seq_len)
 
-
-def _is_full(window: int | None, seq_len: int) -> bool:
-    # A window reaching back T−1 keys already covers every causal key.
-    return window is None or window >= seq_len - 1
+    @classmethod
+    def packed(cls, cu_seqlens: torch.Tensor) -> AttentionMeta:
+        """One row of documents back to back; cu_seqlens = [0, end of doc 0, ..., T] (int32, on q's device)."""
+        if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0:
+            raise ValueError(f"cu_seqlens must be 1-D, start at 0 and hold at least one document; got {cu_seqlens}")
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        if int(lengths.min()) < 0:
+            raise ValueError(f"cu_seqlens must not decrease; got {cu_seqlens.tolist()}")
+        return cls("packed", int(cu_seqlens[-1]), cu_seqlens.to(torch.int32), int(lengths.max()))
 
 
 def sliding_window_mask(seq_len: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -74,18 +76,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMet
         raise ValueError(f"attend: k/v shape {tuple(k.shape)} does not fit q {tuple(q.shape)} (H % Hkv must be 0)")
     if T != meta.seq_len:
         raise ValueError(f"attend: q has T={T} but the metadata was built for T={meta.seq_len}")
-    # SDPA wants (B, H, T, D); the transposes are views, SDPA handles the strides.
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = H != Hkv
-    if _is_full(window, T):
-        y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
-    else:
-        mask = meta.window_masks.get(window)
-        if mask is None:
-            raise KeyError(f"attend: no mask for window {window} in the metadata (built for "
-                           f"{sorted(meta.window_masks)}); pass every layer's window to AttentionMeta.dense_causal")
-        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)
-    return y.transpose(1, 2)
+    if meta.kind == "packed" and B != 1:
+        raise ValueError(f"attend: packed metadata wants B = 1 (documents back to back), got B = {B}")
+    return K.attention(q, k, v, causal=True, window=window, cu_seqlens=meta.cu_seqlens, max_seqlen=meta.max_seqlen)
 
 
 def attend_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:

@@ -7,7 +7,7 @@
 idx → wte → RMSNorm → x0; per layer i: x = resid_λ[i]·x + x0_λ[i]·x0, x += attn(norm(x)), x += mlp(norm(x));
 → RMSNorm → untied lm_head (rows padded to a multiple of 64, logits sliced to V) → fp32 → 15·tanh(z/15).
 Attention: bias-free c_q/c_k/c_v/c_proj, QK-norm + rotary + ×1.2 (`K.qk_norm_rope`), causal SDPA through
-`model.attention.attend` with explicit metadata; optional sliding windows and value embeddings (config).
+`model.attention.attend` (`K.attention`: FlashAttention on GPU, SDPA on CPU) with explicit metadata; optional sliding windows and value embeddings (config).
 MLP: c_fc (C → 4C), ReLU² (`K.relu2`), c_proj (4C → C). RMSNorms are weightless; no biases anywhere.
 
 Dtypes: parameters are fp32 masters; `compute_dtype` (bf16 on GPU) is what activations run in — every Linear
@@ -178,7 +178,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         cos, sin = self._rotary(T, positions)
         if attn_meta is None:
-            attn_meta = AttentionMeta.dense_causal(T, cfg.layer_windows(), idx.device)
+            attn_meta = AttentionMeta.dense_causal(T)
         dt = self.compute_dtype
         x = K.rmsnorm(self.wte(idx).to(dt))
         x0 = x

@@ -211,10 +211,26 @@ def test_gqa_runs_and_matches_repeated_heads():
     torch.testing.assert_close(attend(q, k, v, meta), attend_naive(q, k, v), atol=1e-5, rtol=1e-5)
 
 
+def test_packed_documents_attend_only_within_each():
+    # Two documents back to back in one row with "packed" metadata give the logits of each document run alone
+    # (rotary is relative, so the second document's shifted positions do not matter).
+    cfg = tiny()
+    model = build(cfg)
+    _scramble(model)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(0, V, (1, 11), generator=g), torch.randint(0, V, (1, 6), generator=g)
+    meta = AttentionMeta.packed(torch.tensor([0, 11, 17], dtype=torch.int32))
+    both = model(torch.cat([a, b], dim=1), logits_positions="all", attn_meta=meta)
+    torch.testing.assert_close(both[:, :11], model(a, logits_positions="all"), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(both[:, 11:], model(b, logits_positions="all"), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="start at 0"):
+        AttentionMeta.packed(torch.tensor([1, 5], dtype=torch.int32))
+
+
 @pytest.mark.parametrize("window", [0, 1, 3, 7, 8, None])
 def test_sliding_window_attend(window):
     q, k, v = torch.randn(2, 9, 4, 8), torch.randn(2, 9, 4, 8), torch.randn(2, 9, 4, 8)
-    meta = AttentionMeta.dense_causal(9, [window])
+    meta = AttentionMeta.dense_causal(9)
     torch.testing.assert_close(attend(q, k, v, meta, window), attend_naive(q, k, v, window), atol=1e-5, rtol=1e-5)
 
 
@@ -317,7 +333,8 @@ def test_triton_kernels_match_twins_through_the_model(dtype):
         loss_ref, grads_ref = _loss_and_grads(model, idx, tgt)
     with K.backend("triton"):
         loss_tri, grads_tri = _loss_and_grads(model, idx, tgt)
-        assert all(K.which(op) == "triton" for op in ("rmsnorm", "qk_norm_rope", "relu2", "linear_cross_entropy"))
+        ops = ("attention", "rmsnorm", "qk_norm_rope", "relu2", "linear_cross_entropy")
+        assert all(K.which(op) == "triton" for op in ops), {op: K.which(op) for op in ops}
     tol = MODEL_TOL[dtype]
     assert _rel(loss_tri, loss_ref) < tol
     assert grads_tri.keys() == grads_ref.keys()
