@@ -159,3 +159,22 @@ def test_resume_refuses_another_config(data, tmp_path):
         base.main(argv(data, tmp_path, *common, "--resume", "--total-batch-size", "1024"))
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         base.main(argv(data, tmp_path / "empty", *common, "--resume"))
+
+
+def test_depth_the_device_cannot_fit(data, tmp_path):
+    args = argv(data, tmp_path / "r")
+    i = args.index("--model-dim")
+    del args[i : i + 2]
+    args[args.index("--depth") + 1] = "96"  # 6144 wide, ~43B parameters: 174 GB of fp32 weights alone
+    args[args.index("--head-dim") + 1] = "128"
+    with pytest.raises(MemoryError, match=r"depth 96 \([\d,]+M params\) .* needs at least [\d.]+ GiB per rank .* "
+                                          r"GiB free: use a smaller --depth"):
+        base.main(args)
+    # The estimate itself: a d20 run at nanochat's device batch 32 fits an 80 GB H100 on 8 ranks, not on 16 GB.
+    from model.config import ModelConfig
+
+    cfg = ModelConfig.for_depth(20, vocab_size=65536)
+    parts = base.estimate_memory(cfg, 32, 2048, 8, torch.bfloat16)
+    base.check_fits(parts, 80 * 2**30, cfg, 32, "cuda:0")
+    with pytest.raises(MemoryError, match="depth 20"):
+        base.check_fits(parts, 16 * 2**30, cfg, 32, "cuda:0")

@@ -148,6 +148,48 @@ def memory_mib(device: torch.device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f}MiB rss"  # Linux: KiB
 
 
+def estimate_memory(cfg: ModelConfig, B: int, T: int, world: int, dtype: torch.dtype) -> dict[str, float]:
+    """A lower bound on the bytes one rank needs, by part (deliberately optimistic: it only refuses runs that
+    cannot possibly fit). The whole fp32 model is built on every rank before FSDP keeps each rank's share; then
+    each rank holds its share of masters, grads and optimizer state (AdamW's two moments; Muon's momentum is
+    less), the gathered root unit (embeddings, lm_head) plus two blocks in the compute dtype, and activations:
+    at least 12 values of width C per token per layer are saved for backward (q, k, v, attention output, the
+    MLP's 4C input and its ReLU² output would already be more)."""
+    n = cfg.num_params()
+    elt = torch.finfo(dtype).bits // 8
+    per_block = (cfg.num_matrix_params()) / cfg.depth
+    root = n - cfg.num_matrix_params()
+    parts = {
+        "construction (full fp32 model)": 4.0 * n,
+        "sharded masters+grads+optimizer": 16.0 * n / world,
+        "gathered root + 2 blocks": elt * (root + 2 * per_block),
+        "activations": 12.0 * elt * B * T * cfg.depth * cfg.model_dim,
+    }
+    return parts
+
+
+def check_fits(parts: dict[str, float], free_bytes: float, cfg: ModelConfig, B: int, device) -> None:
+    """Refuse a run that cannot fit, naming the numbers (a clear error beats an OOM minutes into the run)."""
+    steady = sum(v for k, v in parts.items() if not k.startswith("construction"))
+    need = max(parts["construction (full fp32 model)"], steady)
+    if need > free_bytes:
+        detail = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in parts.items())
+        raise MemoryError(f"depth {cfg.depth} ({cfg.num_params() / 1e6:,.0f}M params) at device batch {B} needs at "
+                          f"least {need / 2**30:.1f} GiB per rank ({detail}), but {device} has "
+                          f"{free_bytes / 2**30:.1f} GiB free: use a smaller --depth or --device-batch-size, or "
+                          f"more ranks")
+
+
+def free_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    with open("/proc/meminfo") as f:  # Linux: MemAvailable is what a new allocation can get without swapping
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    return float("inf")
+
+
 def fmt_duration(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -214,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     grad_accum = plan.grad_accum_steps
     num_iterations = plan.num_iterations
 
+    check_fits(estimate_memory(cfg, B, T, world, dtype), free_memory(device), cfg, B, device)
     torch.manual_seed(args.seed)  # same seed on every rank: identical weights before FSDP keeps each rank's share
     model = GPT.build(cfg, device, dtype)
     fsdp = FSDP(model)
