@@ -10,7 +10,8 @@
 # skipped, so re-running after a crash resumes.
 #
 # Environment: PYTHON (interpreter for the venv, default python3), FLASHCHAT_VENV (default ./.venv),
-# FLASHCHAT_BASE_DIR, VOCAB_SIZE (tokenizer vocabulary, default 65536).
+# FLASHCHAT_BASE_DIR, VOCAB_SIZE (tokenizer vocabulary; the cpu tier's default is 8192, small enough for its tiny
+# model), BASE_STEPS (optimizer steps of the cpu tier's base pretraining, default 60).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -19,7 +20,8 @@ VENV="${FLASHCHAT_VENV:-$ROOT/.venv}"
 PYTHON_BIN="${PYTHON:-python3}"
 PY="$VENV/bin/python"
 export FLASHCHAT_BASE_DIR="${FLASHCHAT_BASE_DIR:-$HOME/.cache/flashchat}"
-VOCAB_SIZE="${VOCAB_SIZE:-65536}"
+VOCAB_SIZE="${VOCAB_SIZE:-8192}"
+BASE_STEPS="${BASE_STEPS:-60}"
 
 log() { printf '[speedrun %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -88,11 +90,14 @@ run_pipeline() {
     mkdir -p "$out"
     log "tier $tier, outputs in $out"
 
-    # Stage 1: tokenizer training on the offline corpus (skipped when a complete tokenizer is already there).
-    if "$PY" -c 'import sys, bpe_rs; bpe_rs.Tokenizer.load(sys.argv[1])' "$out/tokenizer" 2>/dev/null; then
+    # Stage 1: tokenizer training on the offline corpus (skipped when a complete tokenizer of this size is there;
+    # retraining invalidates the base run, which was trained on the old ids).
+    if "$PY" -c 'import sys, bpe_rs; sys.exit(bpe_rs.Tokenizer.load(sys.argv[1]).vocab_size != int(sys.argv[2]))' \
+            "$out/tokenizer" "$VOCAB_SIZE" 2>/dev/null; then
         log "stage tokenizer: done already ($out/tokenizer), skipping"
     else
         log "stage tokenizer: training a $VOCAB_SIZE-token BPE vocabulary on the offline corpus"
+        rm -rf "$out/base"
         "$PY" -m train.tok_train --vocab-size "$VOCAB_SIZE" --out "$out/tokenizer"
     fi
 
@@ -100,8 +105,26 @@ run_pipeline() {
     log "stage tokenizer evaluation"
     "$PY" -m train.tok_eval --tokenizer "$out/tokenizer" --out "$out/tok_eval.md"
 
-    log "done. Built so far: tokenizer training and evaluation."
-    log "not built yet: base pretraining, mid-training, SFT, GRPO, chat evaluation, report.md, chat CLI and web UI."
+    # Stage 3: tokenize the offline corpus once into token shards (skips itself when its manifest matches).
+    log "stage shards: tokenizing the offline corpus"
+    "$PY" -m train.shards --tokenizer "$out/tokenizer" --out "$out/shards"
+
+    # Stage 4: base pretraining of a tiny model (a smoke run on CPU: minutes, not a useful model yet).
+    local ckpt="$out/base/checkpoints"
+    if [ -f "$ckpt/step_$(printf %06d "$BASE_STEPS")/COMPLETE" ]; then
+        log "stage base: done already ($ckpt), skipping"
+    else
+        local resume=()
+        if compgen -G "$ckpt/step_*/COMPLETE" >/dev/null; then resume=(--resume); fi
+        log "stage base: pretraining a depth-4 model for $BASE_STEPS steps"
+        OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}" "$PY" -m train.base --depth 4 --model-dim 256 --head-dim 64 \
+            --max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations "$BASE_STEPS" \
+            --eval-every 20 --eval-tokens 16384 --sample-every "$BASE_STEPS" --save-every 20 \
+            --data "$out/shards" --tokenizer "$out/tokenizer" --run-dir "$out/base" "${resume[@]}"
+    fi
+
+    log "done. Built so far: tokenizer training and evaluation, token shards, base pretraining (a tiny cpu-tier run)."
+    log "not built yet: mid-training, SFT, GRPO, chat evaluation, report.md, chat CLI and web UI."
 }
 
 case "${1:-}" in
