@@ -144,6 +144,10 @@ class ModelConfig:
         """Matrices + lm_head: nanochat's "Kaplan-style" count that sets the token horizon (§5.4)."""
         return self.num_matrix_params() + self.num_lm_head_params()
 
+    def kv_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+        """KV-cache bytes one token occupies over all layers (k and v): L·2·Hkv·D·bytes (nanochat §4.5)."""
+        return self.depth * 2 * self.n_kv_head * self.head_dim * bytes_per_element
+
     def num_params(self) -> int:
         return self.num_scaling_params() + self.num_embedding_params() + self.num_scalar_params()
 

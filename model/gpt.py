@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels as K
-from model.attention import AttentionMeta, attend
+from model.attention import AttentionMeta, PagedKV, attend
 from model.config import ModelConfig, rotary_len
 
 LOGITS_POSITIONS = ("last", "all")
@@ -50,6 +50,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, D
         self.qk_scale = config.qk_scale
         self.window = config.layer_windows()[layer_idx]
+        self.layer_idx = layer_idx
         self.c_q = Linear(C, config.n_head * D)
         self.c_k = Linear(C, config.kv_dim)
         self.c_v = Linear(C, config.kv_dim)
@@ -67,7 +68,7 @@ class CausalSelfAttention(nn.Module):
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = K.qk_norm_rope(q, k, cos, sin, scale=self.qk_scale)
-        y = attend(q, k, v, meta, self.window)
+        y = attend(q, k, v, meta, self.window, self.layer_idx)
         return self.c_proj(y.reshape(B, T, C))
 
 
@@ -217,6 +218,14 @@ class GPT(nn.Module):
         if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= n):
             raise ValueError(f"positions must lie in [0, {n}), got [{int(positions.min())}, {int(positions.max())}]")
         return self.cos[positions], self.sin[positions]
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None) -> PagedKV:
+        """The engine's KV pool on the model's device: per layer (num_blocks, block_size, Hkv, D) for k and v."""
+        cfg = self.config
+        shape = (num_blocks, block_size, cfg.n_kv_head, cfg.head_dim)
+        dev, dt = self.cos.device, dtype or self.compute_dtype
+        return PagedKV(k=[torch.zeros(shape, device=dev, dtype=dt) for _ in range(cfg.depth)],
+                       v=[torch.zeros(shape, device=dev, dtype=dt) for _ in range(cfg.depth)])
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------
     def num_params(self) -> int:
