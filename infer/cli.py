@@ -1,0 +1,134 @@
+"""Chat with a trained model in the terminal: `python -m infer.cli`.
+
+    python -m infer.cli                                   # the latest checkpoint of the cpu tier's base run
+    python -m infer.cli --checkpoint RUN/checkpoints/step_000060 --tokenizer RUN/../tokenizer
+    python -m infer.cli --prompt "Why is the sky blue?" --temperature 0   # one-shot: print the answer, exit
+
+Multi-turn: every answer is appended to the conversation, which is re-rendered with model/chat.py each turn (the
+engine's prefix cache makes the repeated history cheap). Tokens stream as they are generated, never splitting a
+character. Commands: /clear starts a new conversation, /exit (or end of input) quits.
+
+Limits: the model answers as well as it was trained (a base model from the cpu tier only continues text); tool
+calls are printed, not executed, until the engine runs them in the sandbox.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import bpe_rs
+
+from infer.engine import Engine
+from infer.sampling import SamplingParams, SamplingParamsError
+from model.chat import ChatFormatError, render_for_completion
+from model.io import CheckpointError, load_model
+
+
+def latest_run_checkpoint(base_dir: Path) -> tuple[Path, Path] | None:
+    """(checkpoint dir, tokenizer dir) of the newest complete checkpoint under base_dir/*/base/checkpoints."""
+    found = sorted(base_dir.glob("*/base/checkpoints/step_*/COMPLETE"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return None
+    ckpt = found[-1].parent
+    return ckpt, ckpt.parents[2] / "tokenizer"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Chat with a flashchat model in the terminal.")
+    p.add_argument("--checkpoint", type=Path, help="a model directory (model.safetensors + config.json); default: "
+                   "the newest checkpoint under $FLASHCHAT_BASE_DIR")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the run's)")
+    p.add_argument("--prompt", help="answer this one message and exit")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per answer (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def answer(engine: Engine, tok, messages: list[dict], params: SamplingParams, out) -> str:
+    """Stream one assistant answer to `out`; returns its text."""
+    ids = render_for_completion(tok, messages)
+    budget = engine.max_model_len - len(ids)
+    if budget < 1:
+        raise ChatFormatError(f"the conversation is {len(ids)} tokens, the model's context is {engine.max_model_len}: "
+                              f"/clear to start over")
+    if params.max_tokens > budget:  # shorten the answer rather than refuse the turn; say so
+        out.write(f"[answer limited to {budget} tokens by the context]\n")
+        params = dataclasses.replace(params, max_tokens=budget)
+    rid = engine.add_request(ids, params)
+    pieces = []
+    while True:
+        for o in engine.step():
+            if o.request_id != rid:
+                continue
+            out.write(o.text)
+            out.flush()
+            pieces.append(o.text)
+            if o.finished:
+                out.write("\n")
+                return "".join(pieces)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ckpt, tok_dir = args.checkpoint, args.tokenizer
+    if ckpt is None:
+        base = Path(os.environ.get("FLASHCHAT_BASE_DIR", Path.home() / ".cache" / "flashchat"))
+        found = latest_run_checkpoint(base)
+        if found is None:
+            print(f"no checkpoint found under {base}: run ./run_speedrun.sh first, or pass --checkpoint",
+                  file=sys.stderr)
+            return 1
+        ckpt, tok_dir = found[0], tok_dir or found[1]
+    if tok_dir is None:
+        print("--tokenizer is needed with --checkpoint", file=sys.stderr)
+        return 1
+    try:
+        tok = bpe_rs.Tokenizer.load(tok_dir)
+        model = load_model(ckpt, device=args.device)
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                max_tokens=args.max_tokens, seed=args.seed)
+    except (bpe_rs.BpeError, CheckpointError, SamplingParamsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    engine = Engine(model, tok, log=lambda msg: print(msg, file=sys.stderr))
+    out = sys.stdout
+    if args.prompt is not None:
+        answer(engine, tok, [{"role": "user", "content": args.prompt}], params, out)
+        return 0
+    print(f"chatting with {ckpt} (/clear: new conversation, /exit: quit)", file=sys.stderr)
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            return 0
+        text = line.strip()
+        if text == "/exit":
+            return 0
+        if text == "/clear":
+            messages = []
+            print("[new conversation]")
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        out.write("model> ")
+        try:
+            reply = answer(engine, tok, messages, params, out)
+        except ChatFormatError as e:
+            print(f"error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
