@@ -18,13 +18,20 @@ system prompt and history) skips their prefill.
 `load_weights(state_dict)` swaps the model's weights (GRPO pushes each update), resets the prefix cache (its KV
 came from the old weights) and bumps `version`, which every RequestOutput carries.
 
-Limits (the rest of the engine issue): tool calls are not executed here yet (infer/sandbox.py is the sandbox the
-engine will drive), there is no async streaming API or CUDA-graph decode yet, and the model's context is
+Tool use (when an `infer.sandbox.ToolExecutor` is given): a sequence that samples <|python_start|> … <|python_end|>
+has the code between them run in the sandbox on the executor's threads while the other sequences keep stepping
+(the sequence is put on hold: not scheduled, blocks kept). The result (stdout, or the error, truncated by the
+sandbox's output limit and by the room left in the context) comes back as forced tokens
+<|output_start|> … <|output_end|>, prefilled at the next step; they carry mask 0 in `RequestOutput.mask` and
+`Completion.mask` (RL trains only on sampled tokens) and do not count toward max_tokens.
+
+Limits (the rest of the engine issue): no async streaming API and no CUDA-graph decode yet; the model's context is
 `config.sequence_len`: a request whose prompt + max_tokens exceeds it is refused with both numbers.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 from dataclasses import dataclass, field
 
@@ -51,6 +58,8 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", "abort" once finished
     logprobs: list[float] | None  # of the tokens in token_ids, when the request asked for them
     version: int  # the weights version that produced these tokens
+    mask: list[int] = field(default_factory=list)  # per token in token_ids: 1 sampled, 0 forced (tool output)
+    tool_output: str | None = None  # the text of a tool result whose forced tokens are in token_ids
 
 
 @dataclass
@@ -62,6 +71,8 @@ class Completion:
     finish_reason: str
     logprobs: list[float] | None
     num_cached_prompt_tokens: int  # prefix-cache hits when the request was first admitted
+    mask: list[int] = field(default_factory=list)  # per token in token_ids: 1 sampled, 0 forced
+    tool_outputs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -71,13 +82,15 @@ class _Request:
     seed: int
     checker: StopChecker
     logprobs: list[float] | None = field(default=None)
+    python_start: int | None = None  # index in seq.token_ids of an open <|python_start|>
+    tool_future: concurrent.futures.Future | None = None
 
 
 class Engine:
     def __init__(self, model: GPT, tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
                  kv_memory_fraction: float = 0.9, cpu_kv_tokens: int = 1 << 16, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, max_waiting: int = 1024,
-                 eos_tokens: tuple[str, ...] = DEFAULT_EOS_TOKENS, log=print):
+                 eos_tokens: tuple[str, ...] = DEFAULT_EOS_TOKENS, tools=None, log=print):
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
@@ -95,6 +108,11 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting)
         self.eos_token_ids = [tokenizer.special_id(t) for t in eos_tokens if t in tokenizer.special_tokens]
+        self.tools = tools
+        names = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+        if tools is not None and not all(n in tokenizer.special_tokens for n in names):
+            raise ValueError(f"tool use needs the special tokens {names} in the tokenizer")
+        self._tool_ids = [tokenizer.special_tokens.get(n) for n in names]
         self.version = 0
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -148,11 +166,14 @@ class Engine:
 
     # ---- the step ----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
+        outputs: list[RequestOutput] = self._deliver_tool_results()
         batch = self.scheduler.schedule()
         for seq in batch.finished:  # the scheduler gave up on a sequence the pool can never hold
             outputs.append(self._finish(seq.request_id, seq.finish_reason or "length", ""))
         if batch.is_empty:
+            pending = [r.tool_future for r in self._requests.values() if r.tool_future is not None]
+            if pending and not outputs:  # only tool calls left: wait for one instead of spinning
+                concurrent.futures.wait(pending, timeout=0.05, return_when=concurrent.futures.FIRST_COMPLETED)
             return outputs
         items = batch.items
         logits = self.runner.run([RunItem(it.new_token_ids, it.num_cached_tokens, it.seq.block_table)
@@ -176,14 +197,59 @@ class Engine:
             if req.logprobs is not None:
                 req.logprobs.append(row_logprobs[i])
             text, reason = req.checker.push(token)
+            if reason is None and seq.num_tokens >= self.max_model_len:  # tool output used up the context
+                res = req.checker.finish("length")
+                text, reason = text + res.text, res.finish_reason
             lp = [row_logprobs[i]] if req.logprobs is not None else None
             if reason is None:
-                outputs.append(RequestOutput(seq.request_id, [token], text, False, None, lp, self.version))
+                outputs.append(RequestOutput(seq.request_id, [token], text, False, None, lp, self.version, [1]))
+                if self.tools is not None:
+                    self._watch_tool_call(req, token)
             else:
                 self.scheduler.finish(seq, reason)
                 out = self._finish(seq.request_id, reason, text)
-                out.token_ids, out.logprobs = [token], lp
+                out.token_ids, out.logprobs, out.mask = [token], lp, [1]
                 outputs.append(out)
+        return outputs
+
+    # ---- tool use ----------------------------------------------------------------------------------------------
+    def _watch_tool_call(self, req: _Request, token: int) -> None:
+        py_start, py_end = self._tool_ids[0], self._tool_ids[1]
+        seq = req.seq
+        if token == py_start:
+            req.python_start = seq.num_tokens - 1
+        elif token == py_end and req.python_start is not None:
+            code = self.tokenizer.decode(seq.token_ids[req.python_start + 1 : -1])
+            req.python_start = None
+            seq.on_hold = True
+            req.tool_future = self.tools.submit(code)
+
+    def _deliver_tool_results(self) -> list[RequestOutput]:
+        """Append the forced <|output_start|> result <|output_end|> tokens of every finished tool call."""
+        outputs = []
+        out_start, out_end = self._tool_ids[2], self._tool_ids[3]
+        for rid, req in list(self._requests.items()):
+            fut = req.tool_future
+            if fut is None or not fut.done():
+                continue
+            req.tool_future = None
+            seq = req.seq
+            try:
+                result = fut.result().as_tool_output()
+            except Exception as e:  # the sandbox itself failed: the model sees the error, the engine goes on
+                result = f"tool error: {e}"
+            body = self.tokenizer.encode_ordinary(result)
+            room = self.max_model_len - seq.num_tokens - 3  # the two markers, and one token to sample after them
+            if room < 0:
+                self.scheduler.finish(seq, "length")
+                outputs.append(self._finish(rid, "length", req.checker.finish("length").text))
+                continue
+            forced = [out_start] + body[:room] + [out_end]
+            for t in forced:
+                seq.append_token(t)
+            seq.on_hold = False
+            text = self.tokenizer.decode(body[:room])
+            outputs.append(RequestOutput(rid, forced, "", False, None, None, self.version, [0] * len(forced), text))
         return outputs
 
     def _finish(self, request_id: str, reason: str, text: str) -> RequestOutput:
@@ -198,15 +264,18 @@ class Engine:
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        state = {rid: {"tokens": [], "text": [], "reason": None, "lp": [] if sp.logprobs else None}
-                 for rid, sp in zip(ids, plist)}
+        state = {rid: {"tokens": [], "text": [], "reason": None, "lp": [] if sp.logprobs else None, "mask": [],
+                       "tools": []} for rid, sp in zip(ids, plist)}
         seqs = {rid: self._requests[rid].seq for rid in ids}
         while any(s["reason"] is None for s in state.values()):
             outs = self.step()
             for out in outs:
                 s = state[out.request_id]
                 s["tokens"].extend(out.token_ids)
+                s["mask"].extend(out.mask)
                 s["text"].append(out.text)
+                if out.tool_output is not None:
+                    s["tools"].append(out.tool_output)
                 if s["lp"] is not None and out.logprobs:
                     s["lp"].extend(out.logprobs)
                 if out.finished:
@@ -214,5 +283,6 @@ class Engine:
             if not outs and not self.scheduler.has_unfinished:
                 break
         return [Completion(rid, list(prompts[k]), state[rid]["tokens"], "".join(state[rid]["text"]),
-                           state[rid]["reason"] or FINISH_ABORT, state[rid]["lp"], seqs[rid].num_prefix_hit_tokens)
+                           state[rid]["reason"] or FINISH_ABORT, state[rid]["lp"], seqs[rid].num_prefix_hit_tokens,
+                           state[rid]["mask"], state[rid]["tools"])
                 for k, rid in enumerate(ids)]

@@ -215,26 +215,28 @@ class Scheduler:
 
         # 1. Running decodes first: one token each.
         for seq in list(self.running):
-            if seq.status is SequenceStatus.RUNNING and seq.num_uncached_tokens == 1 and budget > 0:
+            if seq.status is SequenceStatus.RUNNING and seq.num_uncached_tokens == 1 and budget > 0 and not seq.on_hold:
                 if make_room(seq):
                     put(seq, 1)
         # 2. Running prefills: chunks of what is left.
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is SequenceStatus.RUNNING and seq.seq_id not in scheduled:
+            if seq.status is SequenceStatus.RUNNING and seq.seq_id not in scheduled and not seq.on_hold:
                 if make_room(seq):
                     put(seq, min(seq.num_uncached_tokens, budget))
         # 3. Admissions, FIFO, unless this step preempted.
         while self.waiting and not batch.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = next((s for s in self.waiting if not s.on_hold), None)  # a held sequence waits for its tool
+            if seq is None:
+                break
             if bm.num_blocks_needed(seq.num_tokens) > bm.num_blocks:  # it grew past the pool (no max_tokens given)
                 self.finish(seq, FINISH_LENGTH)
                 batch.finished.append(seq)
                 continue
             if not bm.can_allocate(seq):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             bm.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival_key)

@@ -71,6 +71,9 @@ class Sequence:
         self.num_prefix_hit_tokens = 0
         self.num_computed_tokens = 0
         self.num_preemptions = 0
+        # Waiting for a tool call's result (the engine sets it): not scheduled, keeps its blocks; the result's forced
+        # tokens are appended and prefilled before sampling resumes.
+        self.on_hold = False
 
     # --------------------------------------------------------------------------------------------------- views
 

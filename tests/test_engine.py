@@ -149,3 +149,51 @@ def test_engine_logs_kv_capacity(tok, model):
     lines = []
     Engine(model, tok, block_size=16, num_blocks=12, log=lines.append)
     assert "192 tokens in 12 blocks of 16" in lines[0] and "maximum concurrency" in lines[0]
+
+
+# ---- tool use: a scripted model drives the engine's tool path; the sandbox is real -------------------------------
+
+class ScriptedGPT(GPT):
+    """A GPT whose next token is read from a script keyed by position (default <|assistant_end|>), so the test
+    controls when the model 'writes' a tool call. The real forward still runs (KV pool, paged attention)."""
+
+    script: dict[int, int] = {}
+    end_id: int = 0
+
+    def forward(self, idx, *args, positions=None, **kwargs):
+        logits = super().forward(idx, *args, positions=positions, **kwargs)
+        last = kwargs.get("logits_positions")
+        if positions is None or last is None or not isinstance(last, torch.Tensor):
+            return logits
+        forced = torch.full_like(logits, -30.0)
+        for row, p in enumerate(positions[last].tolist()):
+            forced[0, row, self.script.get(p + 1, self.end_id)] = 30.0
+        return forced
+
+
+def test_tool_call_runs_in_the_sandbox_and_its_output_is_forced_back(tok):
+    from infer.sandbox import ToolExecutor
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.for_depth(2, model_dim=64, head_dim=32, vocab_size=tok.vocab_size, sequence_len=96)
+    model = ScriptedGPT.build(cfg)
+    sp = tok.special_tokens
+    prompt = tok.encode("x = 1")
+    code = tok.encode("print(6 * 7)")
+    P = len(prompt)
+    calls = [sp["<|python_start|>"]] + code + [sp["<|python_end|>"]]
+    model.script = {P + k: t for k, t in enumerate(calls)}
+    model.end_id = sp["<|assistant_end|>"]
+    with ToolExecutor(max_workers=2, timeout_s=10) as tools:
+        engine = Engine(model, tok, block_size=8, num_blocks=64, tools=tools, log=lambda _: None)
+        other = tok.encode("a longer prompt that needs no tool at all")
+        results = engine.generate([prompt, other], SamplingParams(temperature=0, max_tokens=30))
+    r = results[0]
+    out = tok.encode("42\n")
+    expected = calls + [sp["<|output_start|>"]] + out + [sp["<|output_end|>"], sp["<|assistant_end|>"]]
+    assert r.token_ids == expected
+    assert r.mask == [1] * len(calls) + [0] * (len(out) + 2) + [1]
+    assert r.tool_outputs == ["42\n"]
+    assert r.finish_reason == "stop"
+    assert results[1].token_ids == [sp["<|assistant_end|>"]]  # the other request went on meanwhile
+    assert engine.block_manager.num_used_blocks == 0
