@@ -124,7 +124,8 @@ run_pipeline() {
     fi
 
     log "done. Built so far: tokenizer training and evaluation, token shards, base pretraining (a tiny cpu-tier run)."
-    log "not built yet: mid-training, SFT, GRPO, chat evaluation, report.md, chat CLI and web UI."
+    log "chat with it: .venv/bin/python -m infer.cli   (a base model only continues text until SFT exists)"
+    log "not built yet: mid-training, SFT, GRPO, chat evaluation, report.md, web UI and OpenAI-compatible API."
 }
 
 case "${1:-}" in
