@@ -1,0 +1,256 @@
+"""Inference-engine speed: offline throughput against a no-engine baseline, and TTFT / inter-token latency.
+
+    .venv/bin/python -m pytest bench/test_bench_engine.py --benchmark-group-by=group
+
+Entries:
+- `offline[baseline]` (group `engine-offline-<case>`): nanochat's approach without an engine — the prompts one
+  after another, each with S samples decoded in lockstep as one (S, t) batch, no continuous batching, no paged
+  pool. **Which baseline this is:** our GPT has no dense KV-cache API (only the engine's paged pool), so the
+  baseline is the engine-free *full-recompute* loop: the prompt is run once (1, L) for the first token, then every
+  step calls the model's dense forward on the whole growing (S, L + i) batch and samples each row's next token
+  (torch.multinomial on softmax(logits / temperature), as nanochat's batch generation does). A dense-KV-cache
+  baseline (nanochat's real one) does O(1) tokens of work per step instead of O(t), so this baseline is slower
+  than nanochat's by a factor that grows with the length generated; the ratio here is an upper bound on the
+  engine's advantage over nanochat. On CUDA only the first BASELINE_PROMPTS prompts run (prompts are independent
+  and sequential, so tok/s over a subset is the same rate); on CPU all of them.
+- `offline[engine]`: `Engine.generate` on all P × S requests at once (each prompt repeated S times, one seed per
+  request): continuous batching, paged KV, prefix cache (reset before every round, so rounds are alike).
+- `latency[b1]`, `latency[b64]` (group `engine-latency-<case>`): `Engine.add_request` × B then `step()` until all
+  finish; TTFT = first token's arrival after add_request (queueing + prefill + first draw), ITL = the gap between
+  consecutive tokens of one request. Times are taken after each `step()` returns (the step syncs: it reads the
+  drawn tokens on the host), pooled over all requests and rounds.
+extra_info: `gen_tok_per_s` (generated tokens / wall, prompt tokens not counted), `vs_baseline` (engine tok/s /
+baseline tok/s, needs the baseline entry earlier in the session), `ttft_p50_ms`, `itl_p50_ms` (and p90s).
+
+Both sides sample at temperature 1 with no EOS stop (the engine is built with `eos_tokens=()`), so every request
+generates exactly max_tokens and the token counts match. Weights are random (speed does not depend on them).
+
+Devices:
+- CUDA: d20 shapes (`ModelConfig.for_depth(20)`, vocab from a bpe_rs tokenizer trained to 32,768 on stdlib
+  source), bf16, 256 prompts × 8 samples, max_tokens 256. The H100 targets (issue 6: engine ≥ 5× the baseline's
+  offline tok/s and ≥ 20,000 generated tok/s at d20) can only be checked there.
+- CPU (always, so the entries never rot): a tiny fp32 config (d2, C=128, D=32, V=512, T=256), 16 prompts × 4
+  samples, max_tokens 32, one torch thread. At this size a step costs mostly Python and kernel-launch overhead,
+  not FLOPs, so the CPU ratio says little about the H100's; record it anyway.
+Limits: eager model (no CUDA graphs, no compile) on both sides; no tool use, stop strings or logprobs; no
+server in the loop (HTTP and detokenization latency of a served request are not in TTFT).
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import textwrap
+import time
+
+import pytest
+import torch
+
+import bpe_rs
+from infer.engine import Engine
+from infer.sampling import SamplingParams
+from model.config import ModelConfig
+from model.gpt import GPT
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+CPU_THREADS = 1  # stable numbers on the shared 2-core machine (see bench/test_bench_train.py)
+TEMPERATURE = 1.0
+
+if ON_GPU:
+    CASE = "d20"
+    VOCAB, SEQ_LEN, DEPTH, DIMS = 32768, 2048, 20, {}
+    NUM_PROMPTS, SAMPLES, MAX_TOKENS, PROMPT_LEN = 256, 8, 256, (32, 128)
+    BASELINE_PROMPTS, ROUNDS, MAX_NUM_SEQS = 16, 2, 256
+    LATENCY_BATCHES = [1, 64]
+else:
+    CASE = "tiny"
+    VOCAB, SEQ_LEN, DEPTH, DIMS = 512, 256, 2, dict(model_dim=128, head_dim=32)
+    NUM_PROMPTS, SAMPLES, MAX_TOKENS, PROMPT_LEN = 16, 4, 32, (16, 48)
+    BASELINE_PROMPTS, ROUNDS, MAX_NUM_SEQS = NUM_PROMPTS, 3, 64
+    LATENCY_BATCHES = [1, 64]
+GEN_TOK_PER_S: dict[str, float] = {}  # mode -> generated tok/s, for the ratio
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    if ON_GPU:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(CPU_THREADS)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    if ON_GPU:
+        from bench.textdata import python_source
+        return bpe_rs.train_from_iterator(python_source(8), vocab_size=VOCAB)
+    return bpe_rs.train_from_iterator([inspect.getsource(textwrap)], vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    # V from the tokenizer: a tokenizer that stops merging early must not leave ids the detokenizer cannot map.
+    cfg = ModelConfig.for_depth(DEPTH, vocab_size=tok.vocab_size, sequence_len=SEQ_LEN, **DIMS)
+    m = GPT.build(cfg, DEVICE, DTYPE)
+    with torch.no_grad():  # init zeroes the output projections; random weights give non-uniform logits
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(tok) -> list[list[int]]:
+    """NUM_PROMPTS slices of textwrap's source, lengths spread evenly over PROMPT_LEN (ordinary tokens only)."""
+    ids = tok.encode_ordinary(inspect.getsource(textwrap))
+    lo, hi = PROMPT_LEN
+    out = []
+    for i in range(NUM_PROMPTS):
+        n = lo + (hi - lo) * i // max(NUM_PROMPTS - 1, 1)
+        start = (i * 97) % (len(ids) - n)
+        out.append(ids[start:start + n])
+    return out
+
+
+def sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if ON_GPU else "cpu"
+
+
+def make_engine(model, tok) -> Engine:
+    return Engine(model, tok, max_num_seqs=MAX_NUM_SEQS, eos_tokens=(), log=lambda _: None)
+
+
+def params(seed: int) -> SamplingParams:
+    return SamplingParams(temperature=TEMPERATURE, max_tokens=MAX_TOKENS, seed=seed)
+
+
+# ---- the baseline ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def baseline_generate(model: GPT, prompt: list[int], num_samples: int, max_tokens: int,
+                      gen: torch.Generator) -> torch.Tensor:
+    """nanochat-style batch generation of one prompt, without a KV cache (full recompute, see the docstring).
+    Returns the (num_samples, max_tokens) generated ids."""
+    dev = model.cos.device
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:  # (B, V) fp32 -> (B, 1)
+        probs = torch.softmax(logits / TEMPERATURE, dim=-1)
+        return torch.multinomial(probs, 1, generator=gen)
+
+    ids = torch.tensor([prompt], dtype=torch.int64, device=dev)
+    first = draw(model(ids).expand(num_samples, -1))  # the prompt once, N draws from its last logits
+    x = torch.cat([ids.expand(num_samples, -1), first], dim=1)  # (N, L + 1)
+    for _ in range(max_tokens - 1):
+        x = torch.cat([x, draw(model(x))], dim=1)  # the whole (N, t) batch again: no cache
+    return x[:, len(prompt):]
+
+
+# ---- offline throughput ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["baseline", "engine"])  # baseline first: the engine's ratio divides by it
+def test_bench_engine_offline(benchmark, model, tok, prompts, mode):
+    benchmark.group = f"engine-offline-{CASE}"
+    info = dict(device=device_name(), config=model.config.summary(), dtype=str(DTYPE).removeprefix("torch."),
+                samples=SAMPLES, max_tokens=MAX_TOKENS, temperature=TEMPERATURE)
+    if not ON_GPU:
+        info["threads"] = CPU_THREADS
+    if mode == "baseline":
+        todo = prompts[:BASELINE_PROMPTS]
+        gen = torch.Generator(device=DEVICE)
+        info.update(prompts=len(todo), baseline="full recompute over the (S, t) batch, no KV cache, "
+                                                "prompts sequential (see the module docstring)")
+
+        def run() -> int:
+            gen.manual_seed(0)
+            n = sum(baseline_generate(model, p, SAMPLES, MAX_TOKENS, gen).numel() for p in todo)
+            sync()
+            return n
+    else:
+        engine = make_engine(model, tok)
+        reqs = [p for p in prompts for _ in range(SAMPLES)]
+        plist = [params(i) for i in range(len(reqs))]
+        info.update(prompts=len(prompts), max_num_seqs=MAX_NUM_SEQS, kv_tokens=engine.runner.capacity_tokens)
+
+        def run() -> int:
+            engine.block_manager.reset_prefix_cache()  # every round prefills from scratch
+            n = sum(len(c.token_ids) for c in engine.generate(reqs, plist))
+            sync()
+            return n
+
+    counts = []
+    run()  # warm-up: allocator, first-touch of the pool
+    benchmark.pedantic(lambda: counts.append(run()), rounds=ROUNDS, warmup_rounds=0)
+    assert counts and all(c == counts[0] for c in counts), counts
+    assert counts[0] == (len(prompts[:BASELINE_PROMPTS]) if mode == "baseline" else len(prompts)) * SAMPLES * MAX_TOKENS
+    if benchmark.disabled:
+        return
+    wall = benchmark.stats.stats.median
+    GEN_TOK_PER_S[mode] = counts[0] / wall
+    info.update(generated_tokens=counts[0], gen_tok_per_s=round(GEN_TOK_PER_S[mode]))
+    if mode == "engine" and "baseline" in GEN_TOK_PER_S:
+        info["vs_baseline"] = round(GEN_TOK_PER_S["engine"] / GEN_TOK_PER_S["baseline"], 2)
+    benchmark.extra_info.update(info)
+
+
+# ---- latency -----------------------------------------------------------------------------------------------
+def run_latency(engine: Engine, prompts: list[list[int]], batch: int, seed0: int) -> tuple[list[float], list[float]]:
+    """Add `batch` requests at once, step to the end; returns (TTFTs, inter-token gaps) in seconds."""
+    engine.block_manager.reset_prefix_cache()
+    t_add = {}
+    for i in range(batch):
+        rid = engine.add_request(prompts[i % len(prompts)], params(seed0 + i))
+        t_add[rid] = time.perf_counter()
+    last: dict[str, float] = {}
+    ttft, itl = [], []
+    while engine.has_unfinished():
+        outs = engine.step()
+        now = time.perf_counter()  # step() read the drawn tokens on the host: the device work is done
+        for out in outs:
+            if not out.token_ids:
+                continue
+            rid = out.request_id
+            if rid in last:
+                itl.append(now - last[rid])
+            else:
+                ttft.append(now - t_add[rid])
+            last[rid] = now
+    assert len(ttft) == batch and len(itl) == batch * (MAX_TOKENS - 1), (len(ttft), len(itl))
+    return ttft, itl
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(int(q * len(xs)), len(xs) - 1)]
+
+
+@pytest.mark.parametrize("batch", LATENCY_BATCHES, ids=[f"b{b}" for b in LATENCY_BATCHES])
+def test_bench_engine_latency(benchmark, model, tok, prompts, batch):
+    benchmark.group = f"engine-latency-{CASE}"
+    engine = make_engine(model, tok)
+    ttft, itl = [], []
+    run_latency(engine, prompts, batch, seed0=10_000)  # warm-up
+    rnd = iter(range(ROUNDS))
+
+    def round_():
+        t, g = run_latency(engine, prompts, batch, seed0=next(rnd) * batch)
+        ttft.extend(t)
+        itl.extend(g)
+
+    benchmark.pedantic(round_, rounds=ROUNDS, warmup_rounds=0)
+    info = dict(device=device_name(), config=model.config.summary(), dtype=str(DTYPE).removeprefix("torch."),
+                batch=batch, max_tokens=MAX_TOKENS, requests_timed=len(ttft),
+                ttft_p50_ms=round(statistics.median(ttft) * 1e3, 2), ttft_p90_ms=round(pct(ttft, 0.9) * 1e3, 2),
+                itl_p50_ms=round(statistics.median(itl) * 1e3, 2), itl_p90_ms=round(pct(itl, 0.9) * 1e3, 2))
+    if not benchmark.disabled:  # every token of every round, over the rounds' total wall time
+        info["gen_tok_per_s"] = round((len(ttft) + len(itl)) / benchmark.stats.stats.total)
+    if not ON_GPU:
+        info["threads"] = CPU_THREADS
+    benchmark.extra_info.update(info)
