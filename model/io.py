@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
+from model.fsutil import fsync_path
 from model.gpt import GPT
 
 FORMAT = "flashchat-model/1"
@@ -33,14 +34,6 @@ CONFIG_FILE = "config.json"
 
 class CheckpointError(ValueError):
     """A model directory that cannot be loaded into the model its config describes."""
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_model_files(model: GPT, directory: str | os.PathLike) -> Path:
@@ -54,7 +47,7 @@ def write_model_files(model: GPT, directory: str | os.PathLike) -> Path:
     meta = {"format": FORMAT, "config": model.config.to_dict()}
     (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", "utf-8")
     for name in (WEIGHTS_FILE, CONFIG_FILE):
-        _fsync_path(d / name)
+        fsync_path(d / name)
     return d
 
 
@@ -67,11 +60,11 @@ def save_model(model: GPT, directory: str | os.PathLike) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_model_files(model, tmp)
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if d.exists():
             os.replace(d, old)
         os.replace(tmp, d)
-        _fsync_path(d.parent)  # the rename itself is durable only once the parent directory is synced
+        fsync_path(d.parent)  # the rename itself is durable only once the parent directory is synced
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

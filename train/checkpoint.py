@@ -66,6 +66,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model.config import ModelConfig
+from model.fsutil import fsync_path
 from model.gpt import GPT
 from model.io import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_config, write_model_files
 
@@ -97,12 +98,7 @@ def _noop_barrier() -> None:
 
 # ---- filesystem primitives (every mutation of the tree goes through these, so tests can kill between them) ----
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_path = fsync_path  # a module-level name, so the kill tests can interpose on every fsync
 
 
 def _write_json(path: Path, obj) -> None:

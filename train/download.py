@@ -47,6 +47,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.fsutil import fsync_path
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -306,7 +308,7 @@ def _download_one(url: str, final: Path, *, expected: Mapping | None, retries: i
                     raise _Corrupt(problem)
                 size = tmp.stat().st_size
                 os.replace(tmp, final)
-                _fsync_dir(final.parent)  # make the rename itself durable
+                fsync_path(final.parent)  # make the rename itself durable
                 return size
             except _Corrupt as e:
                 tmp.unlink(missing_ok=True)  # never resume from (or rename) a bad body
@@ -320,13 +322,6 @@ def _download_one(url: str, final: Path, *, expected: Mapping | None, retries: i
             time.sleep(delay)
     raise AssertionError("unreachable")
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------------
