@@ -34,7 +34,7 @@ import sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
 groups = sys.argv[2:]
 reqs = [r for g in groups for r in project["optional-dependencies"][g]]
-if "corpus-nodeps" not in groups:
+if "nodeps" not in groups:
     reqs = project["dependencies"] + reqs
 print("\n".join(reqs))
 PY
@@ -53,8 +53,8 @@ setup_env() {
     if [ ! -f "$VENV/.flashchat-deps-$deps_hash" ]; then
         log "installing the pinned dependencies of pyproject.toml into $VENV"
         local reqs nodeps
-        mapfile -t reqs < <(read_requirements corpus build test)
-        mapfile -t nodeps < <(read_requirements corpus-nodeps)
+        mapfile -t reqs < <(read_requirements corpus evaldata build test)
+        mapfile -t nodeps < <(read_requirements nodeps)
         "$PY" -m pip install --disable-pip-version-check -q "${reqs[@]}"
         "$PY" -m pip install --disable-pip-version-check -q --no-deps "${nodeps[@]}"
         rm -f "$VENV"/.flashchat-deps-*
