@@ -121,6 +121,30 @@ def _check(q, k, v, causal, window, cu_seqlens) -> tuple[int, int, int, int]:
 if triton is not None:
 
     @triton.jit
+    def _key_range(start_m, L, WINDOW, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+        """Keys a query block [start_m, start_m + BLOCK_M) may see, as [lo, hi) split into masked [lo, full_lo),
+        unmasked [full_lo, full_hi) and masked [full_hi, hi) tiles. An unmasked tile lies inside the sequence, at or
+        below the block's first query (causal) and at or after its last query's window start; lo, full_lo, full_hi
+        are multiples of BLOCK_N and lo <= full_lo <= full_hi. Shared by the forward and the dQ kernels."""
+        if CAUSAL:
+            hi = tl.minimum(L, start_m + BLOCK_M)
+            full_hi = (start_m + 1) // BLOCK_N * BLOCK_N
+        else:
+            hi = L
+            full_hi = L
+        full_hi = tl.minimum(full_hi, L // BLOCK_N * BLOCK_N)
+        if HAS_WINDOW:
+            lo = tl.maximum(start_m - WINDOW, 0) // BLOCK_N * BLOCK_N
+            full_lo = (tl.maximum(start_m + BLOCK_M - 1 - WINDOW, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        else:
+            lo = start_m * 0
+            full_lo = start_m * 0
+        full_hi = tl.maximum(full_hi, lo)
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), full_hi)
+        return lo, full_lo, full_hi, hi
+
+    @triton.jit
     def _load_rows(ptrs, row_ok, col_ok, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
         """A (rows, D) tile; row_ok/col_ok are broadcastable masks. Masks are built only when needed."""
         if ROW_MASK:
@@ -206,24 +230,7 @@ if triton is not None:
         k_base = K + bat * stride_kb + start * stride_kt + hk * stride_kh
         v_base = V + bat * stride_vb + start * stride_vt + hk * stride_vh
 
-        # Key range [lo, hi), split as masked [lo, full_lo), unmasked [full_lo, full_hi), masked [full_hi, hi).
-        # An unmasked tile lies inside the sequence, at or below the block's first query (causal) and at or after
-        # its last query's window start; lo, full_lo, full_hi are multiples of BLOCK_N, lo <= full_lo <= full_hi.
-        if CAUSAL:
-            hi = tl.minimum(L, start_m + BLOCK_M)
-            full_hi = (start_m + 1) // BLOCK_N * BLOCK_N
-        else:
-            hi = L
-            full_hi = L
-        full_hi = tl.minimum(full_hi, L // BLOCK_N * BLOCK_N)
-        if HAS_WINDOW:
-            lo = tl.maximum(start_m - WINDOW, 0) // BLOCK_N * BLOCK_N
-            full_lo = (tl.maximum(start_m + BLOCK_M - 1 - WINDOW, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        else:
-            lo = start_m * 0
-            full_lo = start_m * 0
-        full_hi = tl.maximum(full_hi, lo)
-        full_lo = tl.minimum(tl.maximum(full_lo, lo), full_hi)
+        lo, full_lo, full_hi, hi = _key_range(start_m, L, WINDOW, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
 
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -424,22 +431,7 @@ if triton is not None:
         k_base = K + bat * stride_kb + start * stride_kt + hk * stride_kh
         v_base = V + bat * stride_vb + start * stride_vt + hk * stride_vh
 
-        # The forward's key range and split (see there).
-        if CAUSAL:
-            hi = tl.minimum(L, start_m + BLOCK_M)
-            full_hi = (start_m + 1) // BLOCK_N * BLOCK_N
-        else:
-            hi = L
-            full_hi = L
-        full_hi = tl.minimum(full_hi, L // BLOCK_N * BLOCK_N)
-        if HAS_WINDOW:
-            lo = tl.maximum(start_m - WINDOW, 0) // BLOCK_N * BLOCK_N
-            full_lo = (tl.maximum(start_m + BLOCK_M - 1 - WINDOW, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        else:
-            lo = start_m * 0
-            full_lo = start_m * 0
-        full_hi = tl.maximum(full_hi, lo)
-        full_lo = tl.minimum(tl.maximum(full_lo, lo), full_hi)
+        lo, full_lo, full_hi, hi = _key_range(start_m, L, WINDOW, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, L, lo, full_lo, qk_scale,
