@@ -123,6 +123,21 @@ def paged_attention_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q,
 if _dispatch.HAS_TRITON:
 
     @triton.jit
+    def _load_kv_tile(table, K_CACHE, V_CACHE, n, n_mask, d, d_mask, kvh, stride_kb, stride_kt, stride_kh,
+                      BLOCK_SIZE: tl.constexpr, UPCAST: tl.constexpr):
+        """The k and v rows of token positions n (BLOCK_N,) of one KV head, each looked up through the sequence's
+        block table (a key tile may span several pool blocks). k and v pools share their strides."""
+        blk = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        row = blk * stride_kb + (n % BLOCK_SIZE) * stride_kt + kvh * stride_kh
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(K_CACHE + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V_CACHE + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        return k, v
+
+    @triton.jit
     def _paged_decode_kernel(
         Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, OUT, O_PART, LSE_PART,
         scale_log2, window, num_heads,
@@ -159,14 +174,8 @@ if _dispatch.HAS_TRITON:
         for n0 in range(start_n, end_n, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_mask = n < end_n
-            blk = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-            row = blk * stride_kb + (n % BLOCK_SIZE) * stride_kt + kvh * stride_kh
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(K_CACHE + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V_CACHE + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v = _load_kv_tile(table, K_CACHE, V_CACHE, n, n_mask, d, d_mask, kvh, stride_kb, stride_kt, stride_kh,
+                                 BLOCK_SIZE, UPCAST)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
             s = tl.where(n_mask[None, :], s, float("-inf"))
             # Every tile has a visible key (n0 < end_n), so m_new is finite and no row produces NaN.
@@ -249,14 +258,8 @@ if _dispatch.HAS_TRITON:
         for n0 in range(start_n, end_n, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_mask = n < end_n
-            blk = tl.load(table + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-            row = blk * stride_kb + (n % BLOCK_SIZE) * stride_kt + kvh * stride_kh
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(K_CACHE + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V_CACHE + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v = _load_kv_tile(table, K_CACHE, V_CACHE, n, n_mask, d, d_mask, kvh, stride_kb, stride_kt, stride_kh,
+                                 BLOCK_SIZE, UPCAST)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
             visible = n_mask[None, :] & (n[None, :] <= pos[:, None])
             if HAS_WINDOW:
