@@ -28,6 +28,7 @@ import os
 import site
 import sys
 import sysconfig
+import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -248,7 +249,8 @@ def _rel(ref_tokens: int, our_tokens: int) -> str:
 
 
 def render(rows: dict[str, list[str]], ours: Counter, refs: list[Counter], notes: list[str],
-           tokenizer_dir: str) -> str:
+           tokenizer_dir: str, metrics: dict | None = None) -> str:
+    """The markdown table; when `metrics` is given, our bytes/token per text kind are stored in it too."""
     counters = [ours, *refs]
     header = ["text", "bytes"]
     for c in counters:
@@ -267,6 +269,8 @@ def render(rows: dict[str, list[str]], ours: Counter, refs: list[Counter], notes
         num_bytes = sum(len(t.encode("utf-8")) for t in texts)
         counts = [c.count(texts) for c in counters]
         cells = [kind, f"{num_bytes:,}"]
+        if metrics is not None and counts[0]:
+            metrics[f"bytes_per_token {kind}"] = num_bytes / counts[0]
         for n in counts:
             cells += [f"{n:,}", f"{num_bytes / n:.2f}" if n else "n/a"]
         cells += [_rel(n, counts[0]) for n in counts[1:]]
@@ -281,6 +285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                             "offline (never downloads anything).")
     p.add_argument("--tokenizer", metavar="DIR", required=True, help="directory written by train.tok_train")
     p.add_argument("--out", metavar="FILE.md", default=None, help="also write the markdown table to this file")
+    p.add_argument("--report-root", metavar="DIR", default=None,
+                   help="record our bytes/token in this run's report (train/report.py, stage 'tokenizer')")
     return p.parse_args(argv)
 
 
@@ -295,7 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     refs = load_tiktoken_refs(notes) + load_hf_refs(notes)
     rows: dict[str, list[str]] = {kind: [text] for kind, text in SAMPLES.items()}
     rows.update(corpus_rows(notes))
-    markdown = render(rows, ours, refs, notes, args.tokenizer)
+    t0 = time.perf_counter()
+    metrics: dict[str, float] = {}
+    markdown = render(rows, ours, refs, notes, args.tokenizer, metrics)
     print(markdown, end="")
     if args.out:
         out = Path(args.out)
@@ -303,6 +311,10 @@ def main(argv: list[str] | None = None) -> None:
         tmp = out.with_name(out.name + ".tmp")  # a reader never sees half a table
         tmp.write_text(markdown, encoding="utf-8")
         os.replace(tmp, out)
+    if args.report_root:
+        from train.report import record_stage
+
+        record_stage(args.report_root, "tokenizer", wall_s=time.perf_counter() - t0, metrics=metrics)
 
 
 if __name__ == "__main__":

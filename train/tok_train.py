@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=_non_negative_int, default=0,
                    help="threads for chunk counting and merging (default: 0 = all cores)")
     p.add_argument("--out", metavar="DIR", required=True, help="directory to write the tokenizer into")
+    p.add_argument("--report-root", metavar="DIR", default=None,
+                   help="record the training numbers in this run's report (train/report.py, stage 'tokenizer')")
     return p.parse_args(argv)
 
 
@@ -195,6 +197,13 @@ def main(argv: list[str] | None = None) -> None:
           f"({m['num_unique_chunks']:,} unique chunks)")
     print(f"feed {m['feed_seconds']:.2f} s, train {m['train_seconds']:.2f} s on {m['threads_used']} threads, "
           f"peak RSS {m['peak_rss_mb']:.0f} MB; round-trip OK ({m['round_trip_tokens']} tokens)")
+    if args.report_root:
+        from train.report import record_stage
+
+        record_stage(args.report_root, "tokenizer", wall_s=m["feed_seconds"] + m["train_seconds"],
+                     metrics={k: m[k] for k in ("vocab_size", "num_docs", "num_chars", "num_bytes", "num_merges",
+                                                "train_seconds", "peak_rss_mb")},
+                     config={"input": m["input"], "max_chars": m["max_chars"], "doc_cap_chars": m["doc_cap_chars"]})
     print(f"saved to {args.out} ({bpe_rs.RANKS_FILE}, {bpe_rs.META_FILE}, {HF_DIR}/{bpe_rs.HF_FILE}, {METRICS_FILE})")
 
 
