@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # flashchat: the whole pipeline in one command, from an empty machine to a trained model.
 #
-#   ./run_speedrun.sh              set up .venv (once), then run every stage that is built so far
+#   ./run_speedrun.sh [ARGS]       set up .venv (once), then run every pipeline stage (train/speedrun.py; ARGS:
+#                                  --tier cpu|d20|d26|d32, --depth N, --gpus N, --from STAGE, --dry-run, --no-rl)
 #   ./run_speedrun.sh test [ARGS]  set up .venv (once), then run the test suite (ARGS go to pytest)
 #
 # Set-up is idempotent: pinned dependencies (pyproject.toml) are installed into .venv when that file changes, and
@@ -10,8 +11,7 @@
 # skipped, so re-running after a crash resumes.
 #
 # Environment: PYTHON (interpreter for the venv, default python3), FLASHCHAT_VENV (default ./.venv),
-# FLASHCHAT_BASE_DIR, VOCAB_SIZE (tokenizer vocabulary; the cpu tier's default is 8192, small enough for its tiny
-# model), BASE_STEPS (optimizer steps of the cpu tier's base pretraining, default 60).
+# FLASHCHAT_BASE_DIR (outputs: <base dir>/<tier>/).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,8 +20,6 @@ VENV="${FLASHCHAT_VENV:-$ROOT/.venv}"
 PYTHON_BIN="${PYTHON:-python3}"
 PY="$VENV/bin/python"
 export FLASHCHAT_BASE_DIR="${FLASHCHAT_BASE_DIR:-$HOME/.cache/flashchat}"
-VOCAB_SIZE="${VOCAB_SIZE:-8192}"
-BASE_STEPS="${BASE_STEPS:-60}"
 
 log() { printf '[speedrun %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -82,55 +80,13 @@ run_tests() {
 
 run_pipeline() {
     setup_env
-    local tier=cpu
-    if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q GPU; then
-        log "a GPU is present, but the GPU tiers (d20, d26, d32) are not built yet: running the cpu tier"
-    fi
-    local out="$FLASHCHAT_BASE_DIR/$tier"
-    mkdir -p "$out"
-    log "tier $tier, outputs in $out"
-
-    # Stage 1: tokenizer training on the offline corpus (skipped when a complete tokenizer of this size is there;
-    # retraining invalidates the base run, which was trained on the old ids).
-    if "$PY" -c 'import sys, bpe_rs; sys.exit(bpe_rs.Tokenizer.load(sys.argv[1]).vocab_size != int(sys.argv[2]))' \
-            "$out/tokenizer" "$VOCAB_SIZE" 2>/dev/null; then
-        log "stage tokenizer: done already ($out/tokenizer), skipping"
-    else
-        log "stage tokenizer: training a $VOCAB_SIZE-token BPE vocabulary on the offline corpus"
-        rm -rf "$out/base"
-        "$PY" -m train.tok_train --vocab-size "$VOCAB_SIZE" --out "$out/tokenizer"
-    fi
-
-    # Stage 2: tokenizer evaluation (bytes per token against the reference tokenizers available offline).
-    log "stage tokenizer evaluation"
-    "$PY" -m train.tok_eval --tokenizer "$out/tokenizer" --out "$out/tok_eval.md"
-
-    # Stage 3: tokenize the offline corpus once into token shards (skips itself when its manifest matches).
-    log "stage shards: tokenizing the offline corpus"
-    "$PY" -m train.shards --tokenizer "$out/tokenizer" --out "$out/shards"
-
-    # Stage 4: base pretraining of a tiny model (a smoke run on CPU: minutes, not a useful model yet).
-    local ckpt="$out/base/checkpoints"
-    if [ -f "$ckpt/step_$(printf %06d "$BASE_STEPS")/COMPLETE" ]; then
-        log "stage base: done already ($ckpt), skipping"
-    else
-        local resume=()
-        if compgen -G "$ckpt/step_*/COMPLETE" >/dev/null; then resume=(--resume); fi
-        log "stage base: pretraining a depth-4 model for $BASE_STEPS steps"
-        OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}" "$PY" -m train.base --depth 4 --model-dim 256 --head-dim 64 \
-            --max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations "$BASE_STEPS" \
-            --eval-every 20 --eval-tokens 16384 --sample-every "$BASE_STEPS" --save-every 20 \
-            --data "$out/shards" --tokenizer "$out/tokenizer" --run-dir "$out/base" "${resume[@]}"
-    fi
-
-    log "done. Built so far: tokenizer training and evaluation, token shards, base pretraining (a tiny cpu-tier run)."
-    log "chat with it: .venv/bin/python -m infer.cli   (a base model only continues text until SFT exists)"
-    log "not built yet: mid-training, SFT, GRPO, chat evaluation, report.md, web UI and OpenAI-compatible API."
+    # The stages, their skip/resume logic, tiers and the report live in train/speedrun.py (testable Python).
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+    exec "$PY" -m train.speedrun "$@"
 }
 
 case "${1:-}" in
     test) shift; run_tests "$@" ;;
-    "") run_pipeline ;;
-    -h|--help) sed -n '2,15p' "$0" ;;
-    *) die "unknown argument '$1' (usage: ./run_speedrun.sh [test [pytest args]])" ;;
+    -h|--help) sed -n '2,16p' "$0" ;;
+    *) run_pipeline "$@" ;;
 esac
