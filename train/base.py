@@ -12,6 +12,8 @@ nanochat's "comm once per step"), schedules set as pure functions of the step (t
 one JSONL record. At intervals: validation bits-per-byte (§6.1, a fixed token set rebuilt each time so numbers
 are comparable over the run), greedy samples, an atomic checkpoint (train/checkpoint.py). `--resume` continues
 from the latest complete checkpoint bit-identically on CPU (weights, optimizer shards, loader cursor, RNG).
+The step loop, logging, saving and resume are train/loop.py's (shared with train/mid.py and train/sft.py); at the
+end the stage's numbers go into the run report (train/report.py, `<run dir>/../report/base.json`).
 
 Step numbering: `step` counts optimizer steps done. The loop evaluates/samples/saves at the top of an iteration
 (so at step 0, every interval, and once more at step == num_iterations, where it stops; nanochat does the same).
@@ -28,14 +30,7 @@ resume, so an abandoned run's later steps stay in it (each record carries its st
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import json
-import math
-import os
-import resource
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,19 +38,14 @@ import torch.distributed as dist
 
 from model.config import ModelConfig
 from model.gpt import GPT
-from train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
 from train.evaluate import evaluate_bpb, sample_greedy
-from train.fsdp import FSDP, init_distributed
+from train.fsdp import FSDP
 from train.loader import BestFitLoader
+from train.loop import RunLog, Trainer, init_run, resume_checkpoint, save_run_checkpoint
 from train.optim import MuonAdamW
+from train.report import record_stage
 from train.schedule import BASE_WEIGHT_DECAY, DEFAULT_RATIO, lr_multiplier, muon_momentum, muon_weight_decay, plan_training
 from train.shards import ShardError, load_manifest
-
-# Peak dense bf16 FLOP/s by device name (vendor datasheets, no sparsity); first substring match wins, so the
-# specific names come first. nanochat's MFU uses 989e12 for the H100 SXM.
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-                   ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A10G", 70e12), ("L40S", 362e12),
-                   ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
 
 # nanochat's base_train prompts (a few of them): facts a small base model picks up early.
 SAMPLE_PROMPTS = ["The capital of France is", "The opposite of hot is", "If yesterday was Friday, then tomorrow will be",
@@ -135,19 +125,6 @@ def make_loader(args, split: str, rank: int, world: int, device):
     return BestFitLoader(args.data, split, B, T, rank=rank, world_size=world, device=device)
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
-
-
-def memory_mib(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**20:,.0f}MiB"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f}MiB rss"  # Linux: KiB
-
-
 def estimate_memory(cfg: ModelConfig, B: int, T: int, world: int, dtype: torch.dtype) -> dict[str, float]:
     """A lower bound on the bytes one rank needs, by part (deliberately optimistic: it only refuses runs that
     cannot possibly fit). The whole fp32 model is built on every rank before FSDP keeps each rank's share; then
@@ -190,42 +167,20 @@ def free_memory(device: torch.device) -> float:
     return float("inf")
 
 
-def fmt_duration(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def all_mean(x: torch.Tensor, world: int) -> float:
-    if world > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= world
-    return x.item()
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import bpe_rs  # the tokenizer package stands alone; imported here so `--help` needs no native library
 
     # ---- distributed, paths ----------------------------------------------------------------------------------
-    if dist.is_available() and dist.is_initialized():  # a test harness (train.fsdp.spawn) made the group
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-            else torch.device("cpu")
-    else:
-        rank, world, device = init_distributed()
-    is_master = rank == 0
-    barrier = dist.barrier if world > 1 else (lambda: None)
+    rank, world, device = init_run()
     from train.download import cache_dir  # the one base-dir rule ($FLASHCHAT_BASE_DIR, else ~/.cache/flashchat)
     run_name = args.run_name or f"d{args.depth}"
     base = cache_dir() / run_name
     run_dir = Path(args.run_dir or base / "base")
     args.data = args.data or str(base / "shards")
     args.tokenizer = args.tokenizer or str(base / "tokenizer")
-
-    def log(msg: str) -> None:
-        if is_master:
-            print(msg, flush=True)  # plain lines, never \r: the same text in a terminal and in a redirected log
+    run = RunLog(run_dir, is_master=rank == 0)
+    log = run.log
 
     # ---- tokenizer and data: fail before any model is built ----------------------------------------------------
     manifest = load_manifest(args.data)  # ShardError naming the directory when missing/unfinished
@@ -253,7 +208,6 @@ def main(argv: list[str] | None = None) -> dict:
     plan = plan_training(cfg, ratio=args.target_param_data_ratio, num_iterations=args.num_iterations,
                          batch_tokens=args.total_batch_size, device_batch_size=B, world_size=world,
                          base_weight_decay=args.weight_decay)
-    grad_accum = plan.grad_accum_steps
     num_iterations = plan.num_iterations
 
     check_fits(estimate_memory(cfg, B, T, world, dtype), free_memory(device), cfg, B, device)
@@ -265,9 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
         scalar_lr=args.scalar_lr)), lr_scale=plan.lr_scale)
     loader = make_loader(args, "train", rank, world, device)
     token_bytes = torch.tensor(tok.token_byte_lengths(), dtype=torch.int64, device=device)
-    flops_per_token = cfg.flops_per_token()
-    peak = peak_flops(device)
     # What a checkpoint must agree on to continue this run exactly (the model config is checked separately).
+    # "lr" is also what mid/SFT inherit from this run (nanochat's chat_sft reads the base run's LRs).
     run_key = {"batch_tokens": plan.batch_tokens, "num_iterations": num_iterations, "device_batch_size": B,
                "world_size": world, "rank_data": args.rank_data, "lr": [args.matrix_lr, args.embedding_lr,
                                                                         args.unembedding_lr, args.scalar_lr],
@@ -275,9 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     log(f"flashchat base | {cfg.summary()}")
     log(f"world {world} on {device} ({dtype}) | batch {plan.batch_tokens:,} tokens/step = {B} rows × {T} × "
-        f"{world} ranks × {grad_accum} micro-steps | {num_iterations:,} steps, {plan.num_tokens:,} tokens "
-        f"({plan.num_tokens / cfg.num_scaling_params():.1f} per scaling param) | lr scale {plan.lr_scale:.4f}, "
-        f"muon wd {plan.weight_decay:.4f} | run dir {run_dir}")
+        f"{world} ranks × {plan.grad_accum_steps} micro-steps | {num_iterations:,} steps, {plan.num_tokens:,} "
+        f"tokens ({plan.num_tokens / cfg.num_scaling_params():.1f} per scaling param) | lr scale "
+        f"{plan.lr_scale:.4f}, muon wd {plan.weight_decay:.4f} | run dir {run_dir}")
 
     # Footgun of the WD transfer (WD ∝ D_ref/D): a short horizon makes it huge, and once lr·wd nears 1 the
     # cautious decay p ← p − lr·wd·p flips weights instead of shrinking them. Say so rather than train garbage.
@@ -287,116 +240,52 @@ def main(argv: list[str] | None = None) -> dict:
             f" × wd {plan.weight_decay:.1f}): a horizon this short inflates the WD transfer; lower --weight-decay")
 
     # ---- resume --------------------------------------------------------------------------------------------------
+    ckpt_root = run_dir / "checkpoints"
     step = 0
     if args.resume:
-        path = latest_checkpoint(run_dir / "checkpoints")
-        if path is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
-        ck = load_checkpoint(path, rank=rank, world_size=world, expected_config=cfg)
-        diffs = [f"{k}: checkpoint {ck.meta['run'].get(k)!r}, this run {v!r}" for k, v in run_key.items()
-                 if ck.meta["run"].get(k) != v]
-        if diffs:
-            raise ValueError(f"{path} comes from another run configuration: {'; '.join(diffs)}")
-        if ck.meta["sharding"] != json.loads(json.dumps(fsdp.sharding_meta())):
-            raise ValueError(f"{path}: FSDP sharding differs from this job's (another world size or model)")
-        fsdp.load_full_state_dict(ck.model_state)
-        opt.load_state_dict(ck.optimizer_state)
-        loader.load_state_dict(ck.rank_meta["loader"])
-        restore_rng_state(ck.rng)
+        ck = resume_checkpoint(ckpt_root, rank=rank, world=world, cfg=cfg, run_key=run_key, fsdp=fsdp, opt=opt,
+                               loader=loader)
         step = ck.step
-        log(f"resumed from {path} at step {step}")
+        log(f"resumed from {ck.path} at step {step}")
+    run.open_wandb(args.wandb, run_name, {**vars(args), **dataclasses.asdict(plan)})
 
-    metrics_file = run_dir / "metrics.jsonl"
-    if is_master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    wandb_run = None
-    if args.wandb and is_master:
-        try:
-            import wandb
-        except ImportError as e:
-            raise SystemExit("--wandb needs the wandb package (pip install wandb)") from e
-        wandb_run = wandb.init(project=args.wandb, name=run_name, config={**vars(args), **dataclasses.asdict(plan)})
-
-    def record(rec: dict) -> None:
-        if is_master:
-            with open(metrics_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-            if wandb_run is not None:
-                wandb_run.log(rec, step=rec["step"])
-
-    def save(step: int) -> None:
-        full = fsdp.full_state_dict()  # every rank takes part; rank 0 gets the tensors
-        path = save_checkpoint(run_dir / "checkpoints", step, model_state=full if is_master else None, config=cfg,
-                               optimizer_state=opt.state_dict(), rank=rank, world_size=world,
-                               meta={"run": run_key, "sharding": fsdp.sharding_meta(), "plan": dataclasses.asdict(plan)},
-                               rank_meta={"loader": loader.state_dict()}, keep_last=args.keep_last, barrier=barrier)
-        log(f"step {step:05d} | saved {path}")
-
-    # ---- the loop --------------------------------------------------------------------------------------------------
+    trainer = Trainer(model=model, fsdp=fsdp, opt=opt, loader=loader, run=run, world=world, device=device,
+                      flops_per_token=cfg.flops_per_token(), token_mean=False)
+    trainer.tokens = step * plan.batch_tokens
     eval_steps = max(1, args.eval_tokens // micro_tokens)
-    losses, bpbs = [], []
-    step_times: list[float] = []
-    start_step = step
-    while True:
-        is_last = step == num_iterations
-        if args.eval_every > 0 and (is_last or step % args.eval_every == 0):
-            # A fresh val loader each time: the same documents in the same rows, so evaluations are comparable.
-            val = make_loader(args, "val", rank, world, device)
-            t0 = time.perf_counter()
-            bpb = evaluate_bpb(model, (next(val) for _ in range(eval_steps)), token_bytes)
-            bpbs.append((step, bpb))
-            log(f"step {step:05d} | val bpb {bpb:.4f} | {eval_steps * micro_tokens:,} tokens in "
-                f"{time.perf_counter() - t0:.1f}s")
-            record({"step": step, "val_bpb": bpb})
-        if args.sample_every > 0 and (is_last or step % args.sample_every == 0):
-            for text in sample_greedy(model, tok, SAMPLE_PROMPTS, args.sample_tokens):
-                log(f"step {step:05d} | sample | {text!r}")
-        if is_last or (args.save_every > 0 and step % args.save_every == 0 and step != start_step):
-            save(step)
-        if is_last:
-            break
 
-        # One optimizer step: schedules first (pure functions of the step, so a resume needs no schedule state).
-        t0 = time.perf_counter()
-        lrm = lr_multiplier(step, num_iterations)
-        opt.set_lr_multiplier(lrm)
-        opt.set_muon_momentum(muon_momentum(step, num_iterations))
-        opt.set_muon_weight_decay(muon_weight_decay(step, num_iterations, plan.weight_decay))
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            inputs, targets = next(loader)
-            # Every micro-step but the last accumulates locally; the last one reduces the sum (one gradient
-            # collective per step, as nanochat). Rows are full (no −1 targets), so mean/grad_accum is the mean.
-            sync = micro == grad_accum - 1
-            with contextlib.nullcontext() if sync else fsdp.no_sync():
-                loss = model(inputs, targets)
-                (loss / grad_accum).backward()
-            fsdp.finish_backward()
-            loss_sum += loss.detach()
-        opt.step()
-        fsdp.zero_grad()
-        train_loss = all_mean(loss_sum / grad_accum, world)  # also a sync point: the step's time is real
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"step {step}: loss is {train_loss}; stopping (lower the LRs?)")
-        dt = time.perf_counter() - t0
-        step += 1
-        losses.append(train_loss)
-        step_times.append(dt)
+    def evaluate(step: int) -> dict:
+        # A fresh val loader each time: the same documents in the same rows, so evaluations are comparable.
+        val = make_loader(args, "val", rank, world, device)
+        return {"val_bpb": evaluate_bpb(model, (next(val) for _ in range(eval_steps)), token_bytes)}
 
-        tok_per_s = plan.batch_tokens / dt
-        mfu = flops_per_token * tok_per_s / (peak * world) if peak else None
-        recent = step_times[1:] or step_times  # the first step pays for warm-up (allocations, autotuning)
-        eta = (num_iterations - step) * sum(recent[-50:]) / len(recent[-50:])
-        log(f"step {step:05d}/{num_iterations:05d} | loss {train_loss:.4f} | lrm {lrm:.3f} | "
-            f"{tok_per_s:,.0f} tok/s | mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
-            f"dt {1000 * dt:.0f}ms | eta {fmt_duration(eta)} | mem {memory_mib(device)}")
-        record({"step": step, "loss": train_loss, "lrm": lrm, "tok_per_s": tok_per_s, "mfu": mfu, "dt": dt,
-                "tokens": step * plan.batch_tokens})
+    def schedule(step: int) -> tuple[float, float, float]:
+        return (lr_multiplier(step, num_iterations), muon_momentum(step, num_iterations),
+                muon_weight_decay(step, num_iterations, plan.weight_decay))
 
-    log(f"done: {step} steps, final val bpb {bpbs[-1][1]:.4f}" if bpbs else f"done: {step} steps")
-    if wandb_run is not None:
-        wandb_run.finish()
-    return {"losses": losses, "bpb": bpbs, "run_dir": str(run_dir), "step": step, "plan": plan}
+    def save(step: int) -> Path:
+        return save_run_checkpoint(ckpt_root, step, fsdp=fsdp, opt=opt, cfg=cfg, loader=loader, rank=rank,
+                                   world=world, keep_last=args.keep_last,
+                                   meta={"run": run_key, "sharding": fsdp.sharding_meta(),
+                                         "plan": dataclasses.asdict(plan)})
+
+    out = trainer.run(start_step=step, num_iterations=num_iterations, grad_accum=plan.grad_accum_steps,
+                      schedule=schedule, evaluate=evaluate,
+                      sample=lambda step: sample_greedy(model, tok, SAMPLE_PROMPTS, args.sample_tokens),
+                      save=save, eval_every=args.eval_every, sample_every=args.sample_every,
+                      save_every=args.save_every)
+    bpbs = [(s, m["val_bpb"]) for s, m in out["evals"]]
+    log(f"done: {out['step']} steps, final val bpb {bpbs[-1][1]:.4f}" if bpbs else f"done: {out['step']} steps")
+    if rank == 0:  # the run report: <run_root>/report/base.json, run_root = the run dir's parent
+        record_stage(run_dir.parent, "base", wall_s=out["wall_s"],
+                     metrics={"val_bpb": bpbs[-1][1] if bpbs else None,
+                              "train_loss": out["losses"][-1] if out["losses"] else None,
+                              "steps": out["step"], "tokens": out["tokens"]},
+                     config={"depth": args.depth, "model_dim": cfg.model_dim, "num_params": cfg.num_params(),
+                             "batch_tokens": plan.batch_tokens, "num_iterations": num_iterations, "world": world,
+                             "device": str(device)})
+    run.finish()
+    return {"losses": out["losses"], "bpb": bpbs, "run_dir": str(run_dir), "step": out["step"], "plan": plan}
 
 
 if __name__ == "__main__":
