@@ -70,6 +70,25 @@ setup_env() {
         rm -f "$VENV"/.flashchat-bpe_rs-*
         touch "$VENV/.flashchat-bpe_rs-$src_hash"
     fi
+    mkdir -p build
+    build_native
+}
+
+build_native() {
+    # CMakeLists.txt's native pieces that are not Python packages: the tool sandbox's seccomp launcher
+    # (infer/sandbox.py uses it when present). cmake comes from PyPI into the venv; rebuilt when its sources change.
+    local native_hash
+    native_hash=$(hash_files CMakeLists.txt native/*.c)
+    if [ ! -f "build/.flashchat-native-$native_hash" ] || [ ! -x build/native/fc_seccomp_exec ]; then
+        log "building the native pieces (cmake: the sandbox's seccomp launcher)"
+        if "$VENV/bin/cmake" -S . -B build -DFLASHCHAT_PYTHON="$PY" >build/cmake.log 2>&1 \
+                && "$VENV/bin/cmake" --build build --target fc_seccomp_exec >>build/cmake.log 2>&1; then
+            rm -f build/.flashchat-native-*
+            touch "build/.flashchat-native-$native_hash"
+        else
+            log "warning: the native build failed (see build/cmake.log): the tool sandbox runs without seccomp"
+        fi
+    fi
 }
 
 run_tests() {

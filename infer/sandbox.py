@@ -40,19 +40,27 @@ What it stops, and what each limit relies on:
     uid it also cannot read our /proc/<pid>/environ. Not root: /proc/<parent>/environ IS readable.
   - network: as root, unshare(CLONE_NEWNET) gives an empty namespace (loopback down: even 127.0.0.1 is
     unreachable, whatever the code execs). Not root: tries an unprivileged user+network namespace; if that is
-    refused too, only the audit hook is left, which blocks socket creation (all families but AF_UNIX) in stage 2
-    and in its forks but is bypassed by ctypes or by exec'ing another program. The hook is installed always.
+    refused too, the seccomp filter (below) still refuses them; without it only the audit hook is left, which
+    blocks socket creation (all families but AF_UNIX) in stage 2 and in its forks but is bypassed by ctypes or by
+    exec'ing another program. The hook is installed always.
   - privilege gain: PR_SET_NO_NEW_PRIVS, so setuid binaries (su, sudo, ping) give nothing.
+  - syscalls (when the native launcher is built, `SECCOMP_LAUNCHER`; ./run_speedrun.sh builds it with cmake):
+    stage 2 is exec'd through native/seccomp_exec.c, whose seccomp filter answers EPERM to sockets other than
+    AF_UNIX (so the network stays closed even via ctypes or another program), new namespaces, ptrace and
+    process_vm_*, mounts, bpf, perf_event_open, userfaultfd, io_uring, keyrings, modules, kexec, reboot and clock
+    setting, and kills on a foreign syscall ABI. The filter is inherited by everything the code starts.
+    `SandboxResult.seccomp` says whether it was on.
   - output: each of stdout/stderr is kept up to max_output_bytes; on overflow the process is killed (nothing more
     it prints could be shown, and a flood would otherwise use the whole wall budget) and a marker is appended.
   - stdin: /dev/null. Orphans: everything is killed after every call, also after a normal exit.
 
-What it does NOT stop (this is rlimits + uid + netns, not a VM, seccomp or a container):
+What it does NOT stop (this is rlimits + uid + namespaces + a seccomp deny list, not a VM or a container):
   - reading any world-readable file (/etc/passwd, the Python stdlib, world-readable repo files, /proc info);
   - writing world-writable places during the call (/tmp etc.; cleaned afterwards only at top level by owner),
     and filling the disk with many files each under the size limit (no quota);
   - CPU-/memory-heavy work within the limits, memory spread over max_procs processes (max_procs * memory_mb);
-  - kernel attack surface: no seccomp filter, every syscall is reachable; side channels (timing, cache, /proc);
+  - kernel attack surface: the seccomp filter is a deny list, so every syscall it does not name stays reachable
+    (and without the built launcher there is no filter at all); side channels (timing, cache, /proc);
   - AF_UNIX sockets to reachable socket files (subject to permissions), and the network when neither
     namespace works (hook bypassable, see above);
   - a uid from the pool is reused later: anything it left outside the swept places survives;
@@ -76,7 +84,10 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
+# Built by CMakeLists.txt (./run_speedrun.sh does it): installs the seccomp filter of native/seccomp_exec.c.
+SECCOMP_LAUNCHER = Path(__file__).resolve().parents[1] / "build" / "native" / "fc_seccomp_exec"
 UID_POOL_BASE = 61000  # sandbox uids: UID_POOL_BASE .. +UID_POOL_SIZE, skipping any that /etc/passwd names
 UID_POOL_SIZE = 64
 TRUNCATION_MARKER = "\n[... output truncated at {n} bytes]"
@@ -193,8 +204,11 @@ if in_pidns:
     os.close(wfd)
     libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
 py = cfg["python"]
+argv = [py, "-I", "-S", "-u", "-c", cfg["stage2"], cfg["code_path"]]
+if cfg["launcher"]:  # native/seccomp_exec.c installs the seccomp filter, then execs stage 2
+    argv = [cfg["launcher"]] + argv
 try:
-    os.execv(py, [py, "-I", "-S", "-u", "-c", cfg["stage2"], cfg["code_path"]])
+    os.execv(argv[0], argv)
 except OSError as e:
     fail("exec stage 2: %s" % e)
 """
@@ -234,6 +248,7 @@ class SandboxResult:
     killed_reason: str | None  # "timeout" | "cpu_limit" | "output_limit" | "signal:SIG..." | "sandbox_error" | None
     truncated: bool
     wall_s: float
+    seccomp: bool = False  # the code ran under native/seccomp_exec.c's filter
 
     @property
     def ok(self) -> bool:
@@ -286,6 +301,7 @@ class _UidPool:
 
 _uid_pool: _UidPool | None = None
 _stage2_python: dict[bool, str] = {}
+_seccomp_launchers: dict[bool, str | None] = {}
 _init_lock = threading.Lock()
 
 
@@ -330,6 +346,27 @@ def _pick_stage2_python(uid: int | None) -> str:
                 _stage2_python[key] = py
                 return py
         raise RuntimeError(f"no Python interpreter is usable by sandbox uid {uid}; tried {candidates}")
+
+
+def _seccomp_launcher(uid: int | None, python: str) -> str | None:
+    """The seccomp launcher's path when it is built and, run as the sandbox uid, starts `python` under its filter
+    (probed once per uid kind: the build dir may be unreadable for that uid, or the kernel may lack seccomp)."""
+    key = uid is not None
+    with _init_lock:
+        if key in _seccomp_launchers:
+            return _seccomp_launchers[key]
+        path = str(SECCOMP_LAUNCHER)
+        found = None
+        if os.access(path, os.X_OK):
+            ids = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
+            try:
+                r = subprocess.run([path, python, "-I", "-S", "-c", "pass"], cwd="/", env=_minimal_env("/"),
+                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=30, **ids)
+                found = path if r.returncode == 0 else None
+            except (OSError, subprocess.SubprocessError):
+                pass
+        _seccomp_launchers[key] = found
+        return found
 
 
 def _threads_of_uid(uid: int) -> int:
@@ -463,10 +500,13 @@ def _decode(data: bytes, cap: int) -> tuple[str, bool]:
 
 def run_python(code: str, *, timeout_s: float = 5.0, cpu_s: int = 5, memory_mb: int = 512,
                max_output_bytes: int = 8192, max_file_mb: int = 16, max_procs: int = 16, max_open_files: int = 64,
-               isolate_network: bool = True, drop_privileges: bool | None = None) -> SandboxResult:
+               isolate_network: bool = True, drop_privileges: bool | None = None,
+               seccomp: bool | None = None) -> SandboxResult:
     """Run `code` in a fresh limited interpreter (see the module docstring). Never raises for the code's faults.
 
     drop_privileges: None = when we are root (the only case where it is possible and needed).
+    seccomp: None = when the launcher is built (`SECCOMP_LAUNCHER`) and works for the sandbox uid; True = required
+    (RuntimeError when it is not there); False = never.
     """
     start = time.monotonic()
     if drop_privileges is None:
@@ -478,6 +518,10 @@ def run_python(code: str, *, timeout_s: float = 5.0, cpu_s: int = 5, memory_mb: 
     tmp = tempfile.mkdtemp(prefix="flashchat-sandbox-")
     try:
         python2 = _pick_stage2_python(uid)
+        launcher = _seccomp_launcher(uid, python2) if seccomp is not False else None
+        if seccomp and launcher is None:
+            raise RuntimeError(f"seccomp=True, but the launcher {SECCOMP_LAUNCHER} is not built or does not work "
+                               f"here (cmake -S . -B build && cmake --build build --target fc_seccomp_exec)")
         if uid is not None:
             _kill_uid(uid, python2)  # leftovers of an earlier crashed run of ours, if any
             os.chown(tmp, uid, uid)  # the only directory the code owns
@@ -490,7 +534,7 @@ def run_python(code: str, *, timeout_s: float = 5.0, cpu_s: int = 5, memory_mb: 
         cfg = {"cpu_s": int(cpu_s), "memory_mb": int(memory_mb), "max_file_mb": int(max_file_mb),
                "max_open_files": int(max_open_files), "nproc": int(nproc), "uid": uid,
                "isolate_network": bool(isolate_network), "python": python2, "stage2": _STAGE2,
-               "code_path": "main.py"}  # relative to the cwd: short tracebacks
+               "code_path": "main.py", "launcher": launcher}  # code_path relative to the cwd: short tracebacks
         proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _STAGE1, json.dumps(cfg)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp,
                                 env=_minimal_env(tmp), start_new_session=True, close_fds=True)
@@ -522,7 +566,8 @@ def run_python(code: str, *, timeout_s: float = 5.0, cpu_s: int = 5, memory_mb: 
     stdout, t1 = _decode(out, max_output_bytes)
     stderr, t2 = _decode(err, max_output_bytes)
     return SandboxResult(stdout=stdout, stderr=stderr, exit_code=rc, timed_out=reason == "timeout",
-                         killed_reason=reason, truncated=t1 or t2, wall_s=time.monotonic() - start)
+                         killed_reason=reason, truncated=t1 or t2, wall_s=time.monotonic() - start,
+                         seccomp=launcher is not None)
 
 
 class ToolExecutor:

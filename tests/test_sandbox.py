@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from infer.sandbox import ToolExecutor, live_pids_of_uid, run_python
+from infer import sandbox
+from infer.sandbox import SECCOMP_LAUNCHER, ToolExecutor, live_pids_of_uid, run_python
 
 IS_ROOT = os.geteuid() == 0
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,7 +222,7 @@ def test_network_namespace_stops_hook_bypass():
         "print(r.stdout, r.stderr)\n"
         "print(open('/proc/self/net/dev').read().count(':'))\n"  # interfaces visible: only lo
     )
-    r = run_python(code)
+    r = run_python(code, seccomp=False)  # this layer alone (the seccomp filter would refuse socket() first)
     assert "CONNECTED" not in r.stdout and "blocked 101" in r.stdout, r  # ENETUNREACH: loopback is down
     assert r.stdout.strip().splitlines()[-1] == "1"
 
@@ -280,3 +281,50 @@ def test_exit_status_and_signals_pass_through():
     assert run_python("import sys\nsys.exit(3)").exit_code == 3
     r = run_python("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)")
     assert r.exit_code == -15 and r.killed_reason == "signal:SIGTERM"
+
+
+needs_launcher = pytest.mark.skipif(not os.access(SECCOMP_LAUNCHER, os.X_OK),
+                                    reason=f"{SECCOMP_LAUNCHER} is not built (./run_speedrun.sh builds it)")
+
+
+@needs_launcher
+def test_seccomp_refuses_network_namespaces_and_ptrace_even_through_ctypes():
+    # ctypes goes around the audit hook; the kernel filter does not care how the syscall is made.
+    code = (
+        "import ctypes, socket, subprocess, threading\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "def errno_of(rc): return ctypes.get_errno() if rc == -1 else 'rc=%d' % rc\n"
+        "print('inet', errno_of(libc.socket(2, 1, 0)))\n"           # AF_INET, SOCK_STREAM
+        "print('inet6', errno_of(libc.socket(10, 2, 0)))\n"         # AF_INET6, SOCK_DGRAM
+        "print('netlink', errno_of(libc.socket(16, 3, 0)))\n"       # AF_NETLINK, SOCK_RAW
+        "print('unshare', errno_of(libc.unshare(0x10000000)))\n"    # CLONE_NEWUSER
+        "print('ptrace', errno_of(libc.ptrace(16, 1, 0, 0)))\n"     # PTRACE_ATTACH to pid 1
+        "a, b = socket.socketpair(); a.send(b'x'); print('unix', b.recv(1))\n"
+        "t = threading.Thread(target=print, args=('thread ok',)); t.start(); t.join()\n"
+        "print(subprocess.run(['echo', 'exec ok'], capture_output=True, text=True).stdout.strip())\n"
+    )
+    r = run_python(code, seccomp=True)
+    assert r.ok and r.seccomp, r
+    lines = r.stdout.splitlines()
+    for name in ("inet", "inet6", "netlink", "unshare", "ptrace"):
+        assert f"{name} 1" in lines, (name, r.stdout)  # EPERM from the filter
+    assert "unix b'x'" in lines and "thread ok" in lines and "exec ok" in lines  # ordinary work still runs
+
+
+@needs_launcher
+def test_seccomp_filter_is_inherited_by_programs_the_code_starts():
+    code = ("import subprocess, sys\n"
+            "r = subprocess.run([sys.executable, '-I', '-c', 'import ctypes; l = ctypes.CDLL(None, use_errno=True); "
+            "print(l.socket(2, 1, 0), ctypes.get_errno())'], capture_output=True, text=True)\n"
+            "print(r.stdout.strip())\n")
+    r = run_python(code)
+    assert r.seccomp and r.stdout.strip() == "-1 1", r
+
+
+def test_seccomp_required_but_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(sandbox, "SECCOMP_LAUNCHER", tmp_path / "missing")
+    monkeypatch.setattr(sandbox, "_seccomp_launchers", {})
+    with pytest.raises(RuntimeError, match="seccomp=True, but the launcher .*missing is not built"):
+        run_python("print(1)", seccomp=True)
+    r = run_python("print(1)")  # the default runs without the filter and says so
+    assert r.ok and r.stdout == "1\n" and not r.seccomp
