@@ -241,7 +241,7 @@ def _fetch_into(url: str, tmp: Path, timeout: float) -> None:
         e.close()
         if e.code == 404:
             raise ShardNotFoundError(
-                f"404 Not Found: {url} (no such shard; check the dataset, base URL and index)") from None
+                f"404 Not Found: {url} (no such file; check the dataset, base URL and index)") from None
         if e.code == 416 and offset:
             if content_range == f"bytes */{offset}":
                 return  # the partial already holds the whole file (killed between the last write and the rename)
@@ -292,19 +292,25 @@ def _backoff_s(attempt: int, base_s: float) -> float:
 
 
 def _download_one(url: str, final: Path, *, expected: Mapping | None, retries: int, backoff: float,
-                  timeout: float, log: Callable[[str], None]) -> int:
-    """Make `final` a verified copy of `url`. Returns the bytes fetched by this call (0 if already present)."""
+                  timeout: float, log: Callable[[str], None], verify: Callable[[Path], str | None] | None = None,
+                  is_present: Callable[[Path], bool] | None = None) -> int:
+    """Make `final` a verified copy of `url`. Returns the bytes fetched by this call (0 if already present).
+
+    verify(tmp) -> a problem or None, is_present(final) -> bool: the file-type checks, parquet's by default
+    (verify_shard against `expected`, looks_complete); other downloaders (a zip) pass their own."""
     expected_size = (expected or {}).get("size")
-    if looks_complete(final, expected_size):
+    verify = verify or (lambda p: verify_shard(p, expected))
+    is_present = is_present or (lambda p: looks_complete(p, expected_size))
+    if is_present(final):
         return 0  # fast path without the lock: os.replace is atomic, so a present file is a finished one
     with _file_lock(final.with_name(final.name + ".lock")):
-        if looks_complete(final, expected_size):
+        if is_present(final):
             return 0  # another process finished it while we waited for the lock
         tmp = _claim_partial(final)
         for attempt in range(retries + 1):
             try:
                 _fetch_into(url, tmp, timeout)
-                if problem := verify_shard(tmp, expected):
+                if problem := verify(tmp):
                     raise _Corrupt(problem)
                 size = tmp.stat().st_size
                 os.replace(tmp, final)

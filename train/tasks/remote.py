@@ -29,9 +29,8 @@ Row order is the file order; shuffle with `task.subset(n, seed)` (nanochat shuff
 
 Downloading reuses train/download.py: parquet files go through its `_download_one` unchanged (retries with
 jittered backoff on 5xx/408/429/timeouts/truncated bodies, resumable `.tmp.<pid>` + Range, fcntl lock, PAR1 +
-footer verification, fsync and atomic rename). The bundle zip needs a different check (a readable zip with good
-CRCs, not PAR1), which `_download_one` cannot take, so `_download_zip` repeats its 20-line retry loop with that
-check; the HTTP request, lock, partial claiming and backoff are download.py's. The zip is extracted into
+footer verification, fsync and atomic rename). The bundle zip goes through the same function with its own checks
+(a readable zip with good CRCs instead of PAR1: `verify=`/`is_present=`). The zip is extracted into
 `eval_bundle.tmp.<pid>/` under a lock, checked (core.yaml, eval_data/, eval_meta_data.csv), fsynced, renamed to
 `eval_bundle/` in one step; the zip (~162 MB) is then deleted.
 
@@ -49,7 +48,6 @@ import argparse
 import os
 import shutil
 import sys
-import time
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -162,35 +160,6 @@ def _zip_problem(path: Path) -> str | None:
     return f"member {bad!r} fails its CRC check" if bad else None
 
 
-def _download_zip(url: str, final: Path, *, retries: int, backoff: float, timeout: float,
-                  log: Callable[[str], None]) -> None:
-    """train.download._download_one with a zip check instead of the parquet one (see the module docstring)."""
-    if zipfile.is_zipfile(final):
-        return  # only verified files are ever renamed to `final`
-    with dl._file_lock(final.with_name(final.name + ".lock")):
-        if zipfile.is_zipfile(final):
-            return
-        tmp = dl._claim_partial(final)
-        for attempt in range(retries + 1):
-            try:
-                dl._fetch_into(url, tmp, timeout)
-                if problem := _zip_problem(tmp):
-                    raise dl._Corrupt(problem)
-                os.replace(tmp, final)
-                fsync_path(final.parent)
-                return
-            except dl._Corrupt as e:
-                tmp.unlink(missing_ok=True)  # never resume from a bad body
-                reason = f"corrupt download: {e}"
-            except dl._Transient as e:
-                reason = str(e)
-            if attempt == retries:
-                raise dl.DownloadError(f"{url}: gave up after {retries + 1} attempts; last error: {reason}")
-            delay = dl._backoff_s(attempt, backoff)
-            log(f"  retry {attempt + 1}/{retries} {final.name} in {delay:.1f}s: {reason}")
-            time.sleep(delay)
-
-
 def _bundle_problem(path: Path) -> str | None:
     missing = [f for f in BUNDLE_FILES if not (path / f).exists()]
     return f"{path} lacks {', '.join(missing)}" if missing else None
@@ -233,7 +202,8 @@ def fetch_core_bundle(cache_dir: str | os.PathLike | None = None, url: str | Non
             raise FileExistsError(f"{final} exists but is not a complete eval bundle "
                                   f"({_bundle_problem(final)}); delete it and run again")
         zip_path = root / "eval_bundle.zip"
-        _download_zip(url or CORE_BUNDLE_URL, zip_path, retries=retries, backoff=backoff, timeout=timeout, log=log)
+        dl._download_one(url or CORE_BUNDLE_URL, zip_path, expected=None, retries=retries, backoff=backoff,
+                         timeout=timeout, log=log, verify=_zip_problem, is_present=zipfile.is_zipfile)
         for stale in root.glob("eval_bundle.tmp.*"):  # we hold the lock: leftovers of killed processes
             shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f"eval_bundle.tmp.{os.getpid()}"
