@@ -1,6 +1,6 @@
 """Chat with a trained model in the terminal: `python -m infer.cli`.
 
-    python -m infer.cli                                   # the latest checkpoint of the cpu tier's base run
+    python -m infer.cli                                   # the latest run's most trained checkpoint
     python -m infer.cli --checkpoint RUN/checkpoints/step_000060 --tokenizer RUN/../tokenizer
     python -m infer.cli --prompt "Why is the sky blue?" --temperature 0   # one-shot: print the answer, exit
 
@@ -8,8 +8,9 @@ Multi-turn: every answer is appended to the conversation, which is re-rendered w
 engine's prefix cache makes the repeated history cheap). Tokens stream as they are generated, never splitting a
 character. Commands: /clear starts a new conversation, /exit (or end of input) quits.
 
-Limits: the model answers as well as it was trained (a base model from the cpu tier only continues text); tool
-calls are printed, not executed, until the engine runs them in the sandbox.
+Tool use: a python call the model writes runs in the sandbox (infer/sandbox.py) and its output is fed back, as in
+training; `--no-tools` turns that off (the call is then only printed).
+Limits: the model answers as well as it was trained (a base model only continues text).
 """
 
 from __future__ import annotations
@@ -24,23 +25,21 @@ import bpe_rs
 
 from infer.engine import Engine
 from infer.sampling import SamplingParams, SamplingParamsError
+from infer.sandbox import ToolExecutor
 from model.chat import ChatFormatError, render_for_completion
-from model.io import CheckpointError, load_model
+from model.io import CheckpointError, latest_trained_model, load_model, resolve_model_dir
 
 
 def latest_run_checkpoint(base_dir: Path) -> tuple[Path, Path] | None:
-    """(checkpoint dir, tokenizer dir) of the newest complete checkpoint under base_dir/*/base/checkpoints."""
-    found = sorted(base_dir.glob("*/base/checkpoints/step_*/COMPLETE"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        return None
-    ckpt = found[-1].parent
-    return ckpt, ckpt.parents[2] / "tokenizer"
+    """(model dir, tokenizer dir) of the latest run under base_dir: its most trained stage's newest checkpoint."""
+    return latest_trained_model(base_dir)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Chat with a flashchat model in the terminal.")
-    p.add_argument("--checkpoint", type=Path, help="a model directory (model.safetensors + config.json); default: "
-                   "the newest checkpoint under $FLASHCHAT_BASE_DIR")
+    p.add_argument("--checkpoint", type=Path, help="a model directory (model.safetensors + config.json), a "
+                   "checkpoints directory or a stage's run directory (its newest complete checkpoint); default: the "
+                   "latest run under $FLASHCHAT_BASE_DIR, its most trained stage (rl > sft > mid > base)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the run's)")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: %(default)s)")
@@ -49,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per answer (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--no-tools", action="store_true", help="do not run the model's python calls in the sandbox")
     return p.parse_args(argv)
 
 
@@ -92,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         tok = bpe_rs.Tokenizer.load(tok_dir)
-        model = load_model(ckpt, device=args.device)
+        model = load_model(resolve_model_dir(ckpt), device=args.device)
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 max_tokens=args.max_tokens, seed=args.seed)
     except (bpe_rs.BpeError, CheckpointError, SamplingParamsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    engine = Engine(model, tok, log=lambda msg: print(msg, file=sys.stderr))
+    tools = None if args.no_tools else ToolExecutor(max_workers=2)
+    engine = Engine(model, tok, tools=tools, log=lambda msg: print(msg, file=sys.stderr))
     out = sys.stdout
     if args.prompt is not None:
         answer(engine, tok, [{"role": "user", "content": args.prompt}], params, out)

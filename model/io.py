@@ -120,3 +120,46 @@ def load_model(directory: str | os.PathLike, device: torch.device | str = "cpu",
     model.load_state_dict(tensors, strict=True)
     model.init_buffers()
     return model
+
+
+# ---- finding a model directory -----------------------------------------------------------------------------------
+# Training writes `<run_root>/<stage>/checkpoints/step_NNNNNN/` (train/checkpoint.py: model files + COMPLETE marker,
+# written last); stages later in this tuple are further trained.
+STAGES = ("base", "mid", "sft", "rl")
+COMPLETE_MARKER = "COMPLETE"
+
+
+def _newest_step(checkpoints: Path) -> Path | None:
+    steps = sorted(p.parent for p in checkpoints.glob(f"step_*/{COMPLETE_MARKER}"))
+    return steps[-1] if steps else None
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A model directory from a model directory itself (has config.json), a checkpoints directory (its newest
+    complete step), or a stage's run directory (its checkpoints/ subdirectory)."""
+    p = Path(path)
+    if (p / CONFIG_FILE).is_file():
+        return p
+    for checkpoints in (p, p / "checkpoints"):
+        if (step := _newest_step(checkpoints)) is not None:
+            return step
+    raise CheckpointError(f"{p} is neither a model directory ({CONFIG_FILE}) nor holds complete checkpoints "
+                          f"(step_*/{COMPLETE_MARKER})")
+
+
+def latest_trained_model(base_dir: str | os.PathLike) -> tuple[Path, Path] | None:
+    """(model dir, tokenizer dir) of the most recently written run under `base_dir` (`<base>/<run>/...`): the newest
+    complete checkpoint of its most trained stage (rl > sft > mid > base). None when there is no checkpoint."""
+    runs: dict[Path, float] = {}
+    for marker in Path(base_dir).glob(f"*/*/checkpoints/step_*/{COMPLETE_MARKER}"):
+        stage_dir = marker.parents[2]
+        if stage_dir.name in STAGES:
+            run = stage_dir.parent
+            runs[run] = max(runs.get(run, 0.0), marker.stat().st_mtime)
+    if not runs:
+        return None
+    run = max(runs, key=runs.get)
+    for stage in reversed(STAGES):
+        if (step := _newest_step(run / stage / "checkpoints")) is not None:
+            return step, run / "tokenizer"
+    return None

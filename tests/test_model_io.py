@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
 from model.gpt import GPT
-from model.io import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_model, save_model
+from model.io import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, latest_trained_model, load_model, resolve_model_dir,
+                      save_model)
 
 
 def tiny_model(seed: int = 0, **overrides) -> GPT:
@@ -109,3 +110,36 @@ def test_weights_errors(saved):
     (d / WEIGHTS_FILE).unlink()
     with pytest.raises(CheckpointError, match="no weights"):
         load_model(d)
+
+
+def _fake_step(root, stage, step, complete=True):
+    d = root / stage / "checkpoints" / f"step_{step:06d}"
+    d.mkdir(parents=True)
+    (d / CONFIG_FILE).write_text("{}")
+    if complete:
+        (d / "COMPLETE").write_text("")
+    return d
+
+
+def test_resolve_model_dir(tmp_path, saved):
+    assert resolve_model_dir(saved[1]) == saved[1]  # a model directory is itself
+    run = tmp_path / "run"
+    _fake_step(run, "sft", 5)
+    newest = _fake_step(run, "sft", 40)
+    _fake_step(run, "sft", 60, complete=False)  # half-written: never picked
+    assert resolve_model_dir(run / "sft" / "checkpoints") == newest
+    assert resolve_model_dir(run / "sft") == newest
+    with pytest.raises(CheckpointError, match="neither a model directory"):
+        resolve_model_dir(run / "mid")
+
+
+def test_latest_trained_model_prefers_the_newest_run_and_its_most_trained_stage(tmp_path):
+    import os
+
+    old = _fake_step(tmp_path / "old", "rl", 10)
+    os.utime(old / "COMPLETE", (1, 1))
+    _fake_step(tmp_path / "new", "base", 100)
+    sft = _fake_step(tmp_path / "new", "sft", 20)
+    _fake_step(tmp_path / "new", "sft", 30, complete=False)
+    assert latest_trained_model(tmp_path) == (sft, tmp_path / "new" / "tokenizer")
+    assert latest_trained_model(tmp_path / "nothing") is None
