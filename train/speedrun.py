@@ -267,9 +267,11 @@ class Speedrun:
         record_run(self.root, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         write_report(self.root)
         self.log(f"all stages done in {time.perf_counter() - t_start:.0f} s; report: {self.root / 'report.md'}")
-        sft = self.ckpt_of("rl" if "rl" in names else "sft")
-        self.log(f"chat with it: .venv/bin/python -m infer.cli --checkpoint-dir {sft}   "
-                 f"| web: .venv/bin/python -m infer.server  (then open http://127.0.0.1:8000)")
+        final = self.root / ("rl" if "rl" in names else "sft")
+        tok = self.root / "tokenizer"
+        self.log(f"chat with it in the terminal: .venv/bin/python -m infer.cli --checkpoint {final} --tokenizer {tok}")
+        self.log(f"or in the browser: .venv/bin/python -m infer.server --checkpoint {final} --tokenizer {tok}  "
+                 f"(then open http://127.0.0.1:8000)")
 
     # ---- the plan --------------------------------------------------------------------------------------------
     def plan(self) -> list[str]:
