@@ -245,6 +245,8 @@ class Server:
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # the server is closing; ending quietly keeps asyncio from logging the cancelled handler
         finally:
             self._conns.discard(task)
             writer.close()
