@@ -25,8 +25,13 @@ sandbox's output limit and by the room left in the context) comes back as forced
 <|output_start|> … <|output_end|>, prefilled at the next step; they carry mask 0 in `RequestOutput.mask` and
 `Completion.mask` (RL trains only on sampled tokens) and do not count toward max_tokens.
 
-Limits (the rest of the engine issue): no async streaming API and no CUDA-graph decode yet; the model's context is
-`config.sequence_len`: a request whose prompt + max_tokens exceeds it is refused with both numbers.
+On CUDA the runner captures a CUDA graph per decode batch-size bucket at start (`infer.runner`; its log line
+says which); the graphs' memory is measured before the KV pool is sized from free memory and left out of it.
+`enforce_eager=True` skips the graphs (debugging, or a model whose forward cannot be captured). Weight pushes keep
+the graphs valid: load_state_dict copies into the same tensors.
+
+Limits: the model's context is `config.sequence_len`: a request whose prompt + max_tokens exceeds it is refused
+with both numbers. The async streaming front is `infer.async_engine`.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import torch
 
 from infer.block_manager import BlockManager
 from infer.detokenizer import IncrementalDetokenizer
-from infer.runner import ModelRunner, RunItem, blocks_for_memory
+from infer.runner import ModelRunner, RunItem, blocks_for_memory, graph_memory_estimate
 from infer.sampling import SamplingParams, StopChecker, resolve_seed, sample
 from infer.scheduler import Scheduler
 from infer.sequence import FINISH_ABORT, Sequence
@@ -90,7 +95,8 @@ class Engine:
     def __init__(self, model: GPT, tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
                  kv_memory_fraction: float = 0.9, cpu_kv_tokens: int = 1 << 16, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, max_waiting: int = 1024,
-                 eos_tokens: tuple[str, ...] = DEFAULT_EOS_TOKENS, tools=None, log=print):
+                 eos_tokens: tuple[str, ...] = DEFAULT_EOS_TOKENS, tools=None, log=print,
+                 enforce_eager: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
@@ -98,12 +104,20 @@ class Engine:
         device = model.cos.device
         if num_blocks is None:
             if device.type == "cuda":
-                free = torch.cuda.mem_get_info(device)[0] * kv_memory_fraction
+                # The decode graphs' pool is allocated after the KV pool: measure it first and keep it out.
+                graphs = 0 if enforce_eager else graph_memory_estimate(model, block_size, max_num_seqs)
+                free = torch.cuda.mem_get_info(device)[0]
+                budget = free * kv_memory_fraction - graphs
                 elt = torch.finfo(model.compute_dtype).bits // 8
-                num_blocks = blocks_for_memory(cfg, block_size, free, elt)
+                num_blocks = blocks_for_memory(cfg, block_size, budget, elt)
+                if num_blocks == 0:
+                    raise ValueError(f"no room for a KV pool: {free / 2**20:,.0f} MiB free × kv_memory_fraction "
+                                     f"{kv_memory_fraction} minus {graphs / 2**20:,.0f} MiB for CUDA graphs is less "
+                                     f"than one block of {block_size} tokens")
             else:  # on CPU a token budget, not "free memory", sizes the pool
                 num_blocks = max(cpu_kv_tokens // block_size, 1)
-        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs=max_num_seqs,
+                                  enforce_eager=enforce_eager, log=log)
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting)

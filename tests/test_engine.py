@@ -197,3 +197,34 @@ def test_tool_call_runs_in_the_sandbox_and_its_output_is_forced_back(tok):
     assert r.finish_reason == "stop"
     assert results[1].token_ids == [sp["<|assistant_end|>"]]  # the other request went on meanwhile
     assert engine.block_manager.num_used_blocks == 0
+
+
+# ---- CUDA-graph decode ------------------------------------------------------------------------------------------
+
+def test_cpu_engine_runs_decode_eagerly(tok, model):
+    for eager in (False, True):
+        engine = Engine(model, tok, block_size=8, num_blocks=16, enforce_eager=eager, log=lambda _: None)
+        assert not engine.runner.graphs and not engine.runner.uses_graphs
+
+
+@pytest.mark.gpu
+def test_greedy_outputs_identical_with_and_without_cuda_graphs(tok):
+    """fp32 on the GPU (no near-ties flipped by bf16 rounding): graphs vs eager, also after a weight push, which
+    the graphs must see (load_state_dict copies in place; a replay reads the new weights)."""
+    model = make_model(tok, seed=0).to("cuda")
+    ps = prompts(tok)
+    params = SamplingParams(temperature=0, max_tokens=24)
+    lines = []
+    graphs = Engine(model, tok, block_size=8, max_num_seqs=8, log=lines.append)
+    eager = Engine(model, tok, block_size=8, max_num_seqs=8, enforce_eager=True, log=lambda _: None)
+    assert graphs.runner.uses_graphs and graphs.runner.graph_error is None, lines
+    assert any("captured decode batch sizes [1, 2, 4, 8]" in line for line in lines), lines
+    assert not eager.runner.graphs
+    with_graphs = [r.token_ids for r in graphs.generate(ps, params)]  # 12 prompts, batches 1..8 along the way
+    assert with_graphs == [r.token_ids for r in eager.generate(ps, params)]
+    assert with_graphs[0] == naive_greedy(model, ps[0], 24, set(graphs.eos_token_ids))
+    new_state = {k: v.clone() for k, v in make_model(tok, seed=1).to("cuda").state_dict().items()}
+    graphs.load_weights(new_state)  # the same model object: the eager engine sees the new weights too
+    pushed = [r.token_ids for r in graphs.generate(ps, params)]
+    assert pushed != with_graphs
+    assert pushed == [r.token_ids for r in eager.generate(ps, params)]
