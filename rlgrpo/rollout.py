@@ -72,9 +72,12 @@ def expression_program(code: str) -> str:
     """`print(<code>)` when code is a single Python expression (a calculator call), else code unchanged."""
     text = code.strip()
     try:
-        ast.parse(text, mode="eval")
+        tree = ast.parse(text, mode="eval")
     except SyntaxError:
         return code
+    body = tree.body
+    if isinstance(body, ast.Call) and isinstance(body.func, ast.Name) and body.func.id == "print":
+        return code  # already prints (printing its None again would add a line)
     return f"print({text})"
 
 
