@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from model.chat import render_conversation
-from train.corpus import Document, _package_dir, split_of
+from train.corpus import PINNED, Document, package_dir, split_of
 from train.tasks.common import Task, check_trainable
 from train.tasks_synthetic import (ArithmeticWordProblems, IdentityChats, MultipleChoice, SpellingCount,
                                    TaskMixture)
@@ -81,7 +81,7 @@ def _held_out(source: str, doc_id: str) -> bool:
 def chitchat_conversations(split: str) -> Conversations:
     """chitchat-dataset: each conversation's turns (runs of one sender's messages) alternate user/assistant from
     the first sender; cut into pieces of ≤ MAX_EXCHANGES exchanges; a trailing user turn is dropped."""
-    path = _package_dir("chitchat_dataset", "chitchat-dataset") / "dataset.json"
+    path = package_dir("chitchat_dataset", f"chitchat-dataset=={PINNED['chitchat-dataset']}") / "dataset.json"
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     rows = []
@@ -105,7 +105,7 @@ def chatterbot_conversations(split: str) -> Conversations:
     held out by file as train.corpus does (a whole file is train or val)."""
     import yaml
 
-    data = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data"
+    data = package_dir("chatterbot_corpus", f"chatterbot-corpus=={PINNED['chatterbot-corpus']}") / "data"
     seen: dict[tuple, None] = {}
     for path in sorted((data / "english").glob("*.yml")):
         if _held_out("chatterbot", path.relative_to(data).with_suffix("").as_posix()) != (split == "validation"):
@@ -121,23 +121,18 @@ def chatterbot_conversations(split: str) -> Conversations:
 
 
 # ---- mixtures ----------------------------------------------------------------------------------------------------
-def _split(task, split: str):
-    task.split = split  # the synthetic tasks carry no split; a seed stream is "train" or held-out "validation"
-    return task
-
-
 def offline_tasks(stage: str, split: str, synthetic_examples: int = 2000) -> list:
     n = synthetic_examples
     if split == "train":
         seed = {"mid": 0, "sft": 1}[stage]  # SFT sees fresh synthetic problems, not mid's again
         synth = [ArithmeticWordProblems(n, seed), MultipleChoice(n, seed), SpellingCount(n // 2, seed),
                  IdentityChats(max(1, n // 4), seed)]
-        return [_split(t, "train") for t in synth] + [chitchat_conversations("train"),
-                                                       chatterbot_conversations("train")]
+        return synth + [chitchat_conversations("train"), chatterbot_conversations("train")]
     n = max(1, n // 20)
-    synth = [ArithmeticWordProblems(n, 1000), MultipleChoice(n, 1000), SpellingCount(n, 1000),
-             IdentityChats(max(1, n // 4), 1000)]
-    tasks = [_split(t, "validation") for t in synth] + [chitchat_conversations("validation")]
+    held_out = {"seed": 1000, "split": "validation"}
+    synth = [ArithmeticWordProblems(n, **held_out), MultipleChoice(n, **held_out), SpellingCount(n, **held_out),
+             IdentityChats(max(1, n // 4), **held_out)]
+    tasks = synth + [chitchat_conversations("validation")]
     held_out_bot = chatterbot_conversations("validation")
     return tasks + ([held_out_bot] if len(held_out_bot) else [])
 
@@ -153,8 +148,8 @@ def nanochat_tasks(stage: str, split: str, cache_dir=None) -> list:
                 load("gsm8k", "test").subset(420, seed=None)]
     smoltalk, mmlu, gsm8k = load("smoltalk", "train"), load("mmlu", "auxiliary_train"), load("gsm8k", "train")
     if stage == "mid":  # §7.2's 848K rows (SpellingBee 80K + SimpleSpelling 200K → our SpellingCount 280K)
-        identity = _split(IdentityChats(1000, 0), "train")
-        return [smoltalk, mmlu, gsm8k, identity, identity, _split(SpellingCount(280_000, 0), "train")]
+        identity = IdentityChats(1000, 0)
+        return [smoltalk, mmlu, gsm8k, identity, identity, SpellingCount(280_000, 0)]
     return [smoltalk, mmlu, mmlu, mmlu, gsm8k, gsm8k, gsm8k, gsm8k]  # §7.3: MMLU ×3 epochs, GSM8K ×4
 
 

