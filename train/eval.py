@@ -103,17 +103,12 @@ def pick_device(name: str) -> torch.device:
 
 def model_dir(checkpoint: str) -> Path:
     """A directory load_model reads: the argument itself, or the newest complete step of a checkpoint root."""
-    from train.checkpoint import latest_checkpoint
+    from model.io import CheckpointError, resolve_model_dir
 
-    path = Path(checkpoint)
-    if (path / "config.json").is_file():
-        return path
-    for root in (path, path / "checkpoints"):
-        step = latest_checkpoint(root) if root.is_dir() else None
-        if step is not None:
-            return step
-    raise SystemExit(f"--checkpoint {checkpoint}: neither a model directory (config.json) nor a checkpoint root "
-                     f"with a complete step_* directory")
+    try:
+        return resolve_model_dir(checkpoint)
+    except CheckpointError as e:
+        raise SystemExit(f"--checkpoint: {e}") from None
 
 
 # ---- the evaluations ----------------------------------------------------------------------------------------------

@@ -170,11 +170,10 @@ class Speedrun:
                                str(t.max_seq_len), "--device-batch-size", str(t.device_batch_size), *t.base,
                                "--data", shards, "--tokenizer", tok, "--run-dir", str(r / "base"),
                                distributed=True)
-        if stage in ("mid", "sft"):
-            src = "base" if stage == "mid" else "mid"
-            return self.module(f"train.{stage}", "--from", str(self.ckpt_of(src)), "--tokenizer", tok,
-                               "--run-dir", str(r / stage), "--device-batch-size", str(t.device_batch_size),
-                               *getattr(t, stage), distributed=True)
+        if stage in ("mid", "sft"):  # they start from the newest checkpoint of base / mid in the same run root
+            return self.module(f"train.{stage}", "--tokenizer", tok, "--run-dir", str(r / stage),
+                               "--device-batch-size", str(t.device_batch_size), *getattr(t, stage),
+                               distributed=True)
         if stage == "rl":
             return self.module("rlgrpo.grpo", "--from", str(self.ckpt_of("sft")), "--tokenizer", tok,
                                "--run-root", str(r), *t.rl, distributed=True)
