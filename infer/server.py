@@ -33,6 +33,10 @@ websockets), and the Host must name this server (its bind address, localhost, 12
 DNS-rebinding page cannot pass as same-origin. Only model-written code reaches the sandbox: client messages are
 rendered as text (model/chat.py encodes user text as ordinary tokens), never executed.
 
+Size: over the house 500 lines because the HTTP front door, the websocket session and the OpenAI handlers share
+the server state and the request tracking (`_Tracked`); what separates cleanly lives in infer/openai_api.py
+(validation, response shapes, prompt logprobs) and infer/metrics.py.
+
 Limits: HTTP/1.1 without chunked request bodies (411) or pipelining; no TLS (put a proxy in front); one model;
 completions' prompt logprobs run one dense forward per prompt beside the engine thread (serialised with each
 other, not with engine steps).
