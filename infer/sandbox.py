@@ -69,6 +69,7 @@ What it does NOT stop (this is rlimits + uid + namespaces + a seccomp deny list,
 
 from __future__ import annotations
 
+import ast
 import collections
 import json
 import os
@@ -570,19 +571,39 @@ def run_python(code: str, *, timeout_s: float = 5.0, cpu_s: int = 5, memory_mb: 
                          seccomp=launcher is not None)
 
 
+def calculator_program(code: str) -> str:
+    """The program a tool call runs. A call that is one Python expression (GSM8K's calculator annotations "48/2",
+    the synthetic tasks' "'strawberry'.count('r')") prints its value the way the training data shows tool outputs:
+    no newline, and a float with an integral value as an integer ("24", not "24.0"). A print(...) call or any
+    statement runs as written (a bare expression would otherwise print nothing: the sandbox returns stdout)."""
+    text = code.strip()
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        return code
+    if isinstance(tree.body, ast.Call) and isinstance(tree.body.func, ast.Name) and tree.body.func.id == "print":
+        return code
+    # The newlines keep a trailing "# comment" of the call inside the parentheses.
+    return f"_v = (\n{text}\n)\nprint(int(_v) if isinstance(_v, float) and _v.is_integer() else _v, end='')\n"
+
+
 class ToolExecutor:
-    """Runs sandbox calls on worker threads: `submit(code)` returns a Future[SandboxResult] at once.
+    """Runs sandbox calls on worker threads: `submit(code)` returns a Future[SandboxResult] at once. It is the
+    engine's `tools`: every caller (CLI, server, chat evals, RL rollouts) runs model code the same way.
 
     Each call is its own process, so the threads only wait on pipes; `max_workers` bounds concurrent sandboxes
-    (and must stay <= UID_POOL_SIZE as root, else calls queue on the uid pool).
+    (and must stay <= UID_POOL_SIZE as root, else calls queue on the uid pool). calculator: run single-expression
+    calls through `calculator_program` (default; the chat format's tool calls are calculator expressions).
     """
 
-    def __init__(self, max_workers: int = 4, **limits):
+    def __init__(self, max_workers: int = 4, calculator: bool = True, **limits):
         self.limits = limits  # keyword arguments of run_python, applied to every call
+        self.calculator = calculator
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sandbox")
 
     def submit(self, code: str, **overrides) -> Future:
-        return self._pool.submit(run_python, code, **{**self.limits, **overrides})
+        program = calculator_program(code) if self.calculator else code
+        return self._pool.submit(run_python, program, **{**self.limits, **overrides})
 
     def run(self, code: str, **overrides) -> SandboxResult:
         return self.submit(code, **overrides).result()

@@ -51,7 +51,7 @@ from infer.sampling import SamplingParams
 from model.gpt import GPT
 from model.io import load_model
 from rlgrpo.rewards import group_advantages, pass_at_k
-from rlgrpo.rollout import CalculatorTools, Sample, rollout
+from rlgrpo.rollout import Sample, rollout
 from train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
 from train.fsdp import FSDP, init_distributed
 from train.optim import MuonAdamW
@@ -273,7 +273,7 @@ def main(argv=None, *, tasks=None, log=None) -> dict:
         from infer.sandbox import ToolExecutor
 
         executor = ToolExecutor(max_workers=4)
-    engine = Engine(engine_model, tok, tools=None if executor is None else CalculatorTools(executor),
+    engine = Engine(engine_model, tok, tools=executor,
                     max_num_seqs=args.max_num_seqs, log=log)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens)
     pad_id = tok.special_id("<|assistant_end|>")

@@ -25,11 +25,11 @@ Limits: rewards are only for "#### n" numeric answers; no partial credit.
 
 from __future__ import annotations
 
-import math
 from decimal import Decimal, InvalidOperation
 
 import torch
 
+from train.chat_eval import pass_at_k  # noqa: F401 -- pass@k is defined once, with the chat evals
 from train.tasks.common import extract_final_number
 
 
@@ -80,13 +80,3 @@ def pg_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
         raise ValueError("no valid (sampled) tokens to train on")
     return -(logprobs * mask * advantages[:, None]).sum() / n
 
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Probability that at least one of k samples drawn without replacement from n (c of them correct) is
-    correct: 1 − C(n−c, k)/C(n, k), the unbiased estimator of Chen et al. 2021 (less noisy than "any of the first
-    k is correct", which nanochat reports)."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)

@@ -9,7 +9,7 @@ Every question's prompt is `model.chat.render_for_completion` of its conversatio
 engine together with all other questions' (one `Engine.generate` call: continuous batching, and the G copies of
 a prompt share its prefix blocks). Each request has its own seed, a hash of (seed, step, question, sample), so a
 rollout is reproducible and independent of batch composition and of the number of ranks (infer/sampling.py).
-Tool calls run in the sandbox (`CalculatorTools` over an `infer.sandbox.ToolExecutor`); their forced output tokens
+Tool calls run in the sandbox (an `infer.sandbox.ToolExecutor`); their forced output tokens
 come back with mask 0 in `Sample.mask` and are never trained on.
 
 Weights version: every Sample carries the engine's `version` of the weights that produced it; `rollout` checks
@@ -17,9 +17,8 @@ the version did not change during the call (Completion carries no per-request ve
 after the synchronous generate), and GRPO asserts it equals the weights it is about to update.
 
 Calculator tools: the chat data (GSM8K `<<48/2=24>>`, the synthetic tasks) writes tool calls as bare expressions
-and expects their value back, nanochat's calculator convention; the sandbox runs programs and returns stdout, so
-a bare expression would print nothing. `CalculatorTools` turns a call that parses as one Python expression into
-`print(<expr>)` and leaves any other program as is.
+and expects their value back, nanochat's calculator convention; the ToolExecutor prints such a call's value
+(infer.sandbox.calculator_program) and runs any other program as is.
 
 CLI output (JSONL, one line per question, written whole and flushed): id, prompt_tokens, answer, samples (tokens,
 mask, text, finish_reason, reward, seed), version, timing (wall seconds of the batch it ran in, its share of
@@ -32,7 +31,6 @@ crash loses at most one batch; reward needs a numeric "answer" (absent: reward n
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import os
@@ -66,30 +64,6 @@ def sample_seed(seed: int, step: int, question: int, sample: int) -> int:
     """A 63-bit seed from (seed, step, question, sample): distinct requests never share a random stream."""
     h = hashlib.blake2b(f"{seed}:{step}:{question}:{sample}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") >> 1
-
-
-def expression_program(code: str) -> str:
-    """`print(<code>)` when code is a single Python expression (a calculator call), else code unchanged."""
-    text = code.strip()
-    try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError:
-        return code
-    body = tree.body
-    if isinstance(body, ast.Call) and isinstance(body.func, ast.Name) and body.func.id == "print":
-        return code  # already prints (printing its None again would add a line)
-    return f"print({text})"
-
-
-class CalculatorTools:
-    """The engine's `tools` object: bare expressions are printed (see the module docstring); everything else is
-    the wrapped ToolExecutor's."""
-
-    def __init__(self, executor):
-        self.executor = executor
-
-    def submit(self, code: str):
-        return self.executor.submit(expression_program(code))
 
 
 def example_prompt(tokenizer, example: dict) -> list[int]:
@@ -250,7 +224,7 @@ def main(argv=None) -> dict:
           f"{args.num_samples} samples each", flush=True)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens)
     executor = None if args.no_tools else ToolExecutor(max_workers=4)
-    engine = Engine(model, tok, tools=None if executor is None else CalculatorTools(executor))
+    engine = Engine(model, tok, tools=executor)
     totals = {"questions": 0, "samples": 0, "tokens": 0, "wall_s": 0.0}
     t_start = time.perf_counter()
     try:

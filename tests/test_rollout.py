@@ -12,7 +12,7 @@ import bpe_rs
 from model.config import ModelConfig
 from model.gpt import GPT
 from model.io import save_model
-from rlgrpo.rollout import (CalculatorTools, done_ids, expression_program, main, read_questions, sample_seed)
+from rlgrpo.rollout import done_ids, main, read_questions, sample_seed
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +90,3 @@ def test_seeds_are_distinct_and_stable():
     seeds = {sample_seed(0, s, q, g) for s in range(3) for q in range(4) for g in range(5)}
     assert len(seeds) == 60 and all(0 <= x < 2**63 for x in seeds)
     assert sample_seed(1, 2, 3, 4) == sample_seed(1, 2, 3, 4)
-
-
-def test_calculator_convention_runs_in_the_sandbox():
-    from infer.sandbox import ToolExecutor
-
-    assert expression_program("48/2") == "print(48/2)"
-    assert expression_program("x = 3\nprint(x)") == "x = 3\nprint(x)"  # a program stays a program
-    with ToolExecutor(max_workers=1, timeout_s=10) as ex:
-        tools = CalculatorTools(ex)
-        assert tools.submit("6*7").result().as_tool_output() == "42\n"
-        assert tools.submit("print(1+1)").result().as_tool_output() == "2\n"

@@ -328,3 +328,19 @@ def test_seccomp_required_but_missing_is_a_clear_error(monkeypatch, tmp_path):
         run_python("print(1)", seccomp=True)
     r = run_python("print(1)")  # the default runs without the filter and says so
     assert r.ok and r.stdout == "1\n" and not r.seccomp
+
+
+def test_calculator_calls_print_their_value_as_the_training_data_shows_it():
+    from infer.sandbox import calculator_program
+
+    assert calculator_program("import os") == "import os"  # statements run as written
+    assert calculator_program("print(1 + 1)") == "print(1 + 1)"  # printing its None again would add a line
+    with ToolExecutor(max_workers=2, timeout_s=10) as executor:
+        assert executor.submit("48/2").result().stdout == "24"  # GSM8K <<48/2=24>>: an integral float as an int
+        assert executor.submit("7/2").result().stdout == "3.5"
+        assert executor.submit("12*3  # boxes").result().stdout == "36"  # a trailing comment stays a comment
+        assert executor.submit("'strawberry'.count('r')").result().stdout == "3"
+        assert executor.submit("x = 5\nprint(x * 2)").result().stdout == "10\n"
+        assert executor.submit("1/0").result().as_tool_output().rstrip().endswith("ZeroDivisionError: division by zero")
+    with ToolExecutor(max_workers=1, timeout_s=10, calculator=False) as executor:
+        assert executor.submit("48/2").result().stdout == ""  # the plain sandbox: stdout only

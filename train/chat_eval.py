@@ -3,7 +3,7 @@
     task = load_task("ARC-Easy", max_problems=500)
     res = evaluate_categorical(model, tok, task, batch_size=8)                  # TaskResult: res.accuracy, ...
     with ToolExecutor(max_workers=4) as executor:
-        engine = Engine(model, tok, tools=ExpressionTools(executor))
+        engine = Engine(model, tok, tools=executor)
         res = evaluate_generative(engine, load_task("GSM8K"), num_samples=1)   # temperature 0, top-k 50, 512 tokens
     score = chatcore({"ARC-Easy": 0.39, "ARC-Challenge": 0.28, "MMLU": 0.32, "GSM8K": 0.05, "HumanEval": 0.09})
 
@@ -33,14 +33,13 @@ Limits and deviations from nanochat:
   n (MMLU's file order is by subject); without it every problem runs in file order.
 - Synthetic tasks are generated with seed SYNTHETIC_SEED (training uses other seeds, but their small problem
   spaces can repeat a problem, see train.tasks_synthetic); their scores say nothing about the real benchmarks.
-- GSM8K-format calculator calls are bare expressions ("48/2"); the sandbox prints nothing for an expression, so
-  `ExpressionTools` runs a single-expression call as `print(expr, end="")`, giving the "24.0" a calculator would.
+- GSM8K-format calculator calls are bare expressions ("48/2"); the engine's ToolExecutor prints their value as the
+  training data shows it (infer.sandbox.calculator_program: "24", no newline).
 - No rank striding: one process evaluates everything.
 """
 
 from __future__ import annotations
 
-import ast
 import math
 import time
 from collections import deque
@@ -179,27 +178,6 @@ def evaluate_categorical(model, tokenizer, task, batch_size: int = 8, name: str 
 
 
 # ---- generative ---------------------------------------------------------------------------------------------------
-
-def as_calculator_program(code: str) -> str:
-    """A tool call that is one Python expression ("48/2", GSM8K's calculator annotations) becomes a program that
-    prints its value without a newline, as the training data's tool outputs show it; anything else runs as is."""
-    try:
-        ast.parse(code.strip(), mode="eval")
-    except SyntaxError:
-        return code
-    return f"print((\n{code.strip()}\n), end='')"  # the newlines keep a trailing '# comment' inside the parens
-
-
-class ExpressionTools:
-    """The engine's `tools` (anything with submit(code) -> Future[SandboxResult]) over an infer.sandbox
-    ToolExecutor, with single-expression calls printed (see as_calculator_program)."""
-
-    def __init__(self, executor):
-        self.executor = executor
-
-    def submit(self, code: str) -> Future:
-        return self.executor.submit(as_calculator_program(code))
-
 
 def assistant_text(tokenizer, token_ids: Sequence[int], eos_token_ids: Sequence[int] = ()) -> str:
     """The text parts of a generated assistant turn (tool calls and outputs dropped). A malformed turn (a tool call

@@ -151,7 +151,7 @@ def run_chat_tasks(model, tok, args, log) -> dict:
     generative tasks."""
     from infer.engine import Engine
     from infer.sandbox import ToolExecutor
-    from train.chat_eval import ExpressionTools, evaluate_categorical, evaluate_generative
+    from train.chat_eval import evaluate_categorical, evaluate_generative
 
     tasks = {n: load_task(n, args.max_problems, args.seed, args.sandbox_timeout) for n in args.task_list}
     results = {}
@@ -163,7 +163,7 @@ def run_chat_tasks(model, tok, args, log) -> dict:
                 results[name] = evaluate_categorical(model, tok, task, args.batch_size, name=name, log=log)
                 continue
             if engine is None:
-                engine = Engine(model, tok, tools=ExpressionTools(executor), log=log)
+                engine = Engine(model, tok, tools=executor, log=log)
             results[name] = evaluate_generative(engine, task, num_samples=args.num_samples,
                                                 temperature=args.temperature, top_k=args.top_k,
                                                 max_tokens=args.max_tokens, seed=args.seed, name=name, log=log)
