@@ -29,10 +29,10 @@ Devices:
 - CUDA: d20 shapes (`ModelConfig.for_depth(20)`, vocab from a bpe_rs tokenizer trained to 32,768 on stdlib
   source), bf16, 256 prompts × 8 samples, max_tokens 256. The H100 targets (issue 6: engine ≥ 5× the baseline's
   offline tok/s and ≥ 20,000 generated tok/s at d20) can only be checked there.
-- CPU (always, so the entries never rot): a tiny fp32 config (d2, C=128, D=32, V=512, T=256), 16 prompts × 4
-  samples, max_tokens 32, one torch thread. At this size a step costs mostly Python and kernel-launch overhead,
+- CPU (always, so the entries never rot): a tiny fp32 config (d2, C=128, D=32, V=512, T=256), 8 prompts × 4
+  samples, max_tokens 24, 2 rounds, one torch thread (sized so the whole `pytest bench/` takes under a minute). At this size a step costs mostly Python and kernel-launch overhead,
   not FLOPs, so the CPU ratio says little about the H100's; record it anyway.
-Limits: eager model (no CUDA graphs, no compile) on both sides; no tool use, stop strings or logprobs; no
+Limits: the engine captures CUDA graphs for decode on a GPU (`infer.runner`), the baseline is eager; no compile; no tool use, stop strings or logprobs; no
 server in the loop (HTTP and detokenization latency of a served request are not in TTFT).
 """
 
@@ -67,8 +67,8 @@ if ON_GPU:
 else:
     CASE = "tiny"
     VOCAB, SEQ_LEN, DEPTH, DIMS = 512, 256, 2, dict(model_dim=128, head_dim=32)
-    NUM_PROMPTS, SAMPLES, MAX_TOKENS, PROMPT_LEN = 16, 4, 32, (16, 48)
-    BASELINE_PROMPTS, ROUNDS, MAX_NUM_SEQS = NUM_PROMPTS, 3, 64
+    NUM_PROMPTS, SAMPLES, MAX_TOKENS, PROMPT_LEN = 8, 4, 24, (16, 48)  # small: `pytest bench/` under a minute
+    BASELINE_PROMPTS, ROUNDS, MAX_NUM_SEQS = NUM_PROMPTS, 2, 64
     LATENCY_BATCHES = [1, 64]
 GEN_TOK_PER_S: dict[str, float] = {}  # mode -> generated tok/s, for the ratio
 

@@ -28,7 +28,7 @@ Entries (group `train-<config>`):
 Devices:
 - CUDA: d12 and d20 at T = 2048, bf16 compute (fp32 masters), B = 16 rows per device, INNER = 1 step per round
   then a synchronise. The H100 target is MFU ≥ 50% at d20 (nanochat: ~47–50%); it can only be measured there.
-- CPU (always, so the entries never rot): a tiny fp32 config, eager (the kernels dispatch to their plain-torch
+- CPU (always, so the entries never rot; the whole `pytest bench/` under a minute): a tiny fp32 config, eager (the kernels dispatch to their plain-torch
   twins on CPU tensors), one torch thread in every entry: then eager, fsdp1 and each dist rank do the same work
   per core, and a busy machine costs a little instead of the 10-20x that OpenMP's spinning threads lose when one
   of the 2 cores is taken by another process. CPU numbers only compare with each other on the same machine.
@@ -53,8 +53,8 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 COMPILE = ON_GPU or os.environ.get("FLASHCHAT_BENCH_COMPILE") == "1"
-ROUNDS = 10 if ON_GPU else 5
-WARMUP = 2  # steps before timing: allocator, autotuning, the optimizer state's first touch
+ROUNDS = 10 if ON_GPU else 3
+WARMUP = 2 if ON_GPU else 1  # steps before timing: allocator, autotuning, the optimizer state's first touch
 # Dense bf16 peak FLOP/s by device-name substring, first match wins (NVIDIA datasheets, without sparsity).
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12)]
 
@@ -64,11 +64,13 @@ GPU_CASES = {
     "d20": (ModelConfig.for_depth(20, sequence_len=2048), 16),
 }
 CPU_CASES = {
-    "tiny": (ModelConfig.for_depth(4, model_dim=256, head_dim=64, vocab_size=4096, sequence_len=256), 4),
+    # Small enough that `pytest bench/` stays under a minute on 2 cores (~40 ms a step on one thread), big
+    # enough that a step is matmuls and the optimizer, not Python: 2 blocks of C = 128, V = 1024, 4 × 128 tokens.
+    "tiny": (ModelConfig.for_depth(2, model_dim=128, head_dim=64, vocab_size=1024, sequence_len=128), 4),
 }
 CASES = GPU_CASES if ON_GPU else CPU_CASES
 DIST_CASE = CPU_CASES["tiny"]
-DIST_STEPS = 6  # timed steps inside each worker
+DIST_STEPS = 4  # timed steps inside each worker
 MODES = ["compile", "eager", "fsdp1"]  # eager before fsdp1: fsdp1's ratio divides by it
 CPU_THREADS = 1  # see the module docstring
 STEP_MS: dict[tuple, float] = {}  # (case, mode) -> median step ms, for the ratios
