@@ -213,6 +213,21 @@ def test_stop_cancels_a_long_answer(server, browser):
     page.wait_for("window.__recv.filter(f => f.type === 'done').length === 2", 30)
     history = frames(page, "__sent", "generate")[1]["messages"]
     assert history[1] == {"role": "assistant", "content": partial}
+    # Editing the first message while an answer streams cancels that answer and starts over from the edit.
+    set_settings(page, {"max_tokens": 400})
+    send_message(page, "Keep going")
+    page.wait_for("window.__recv.filter(f => f.type === 'delta').length > " + str(len(frames(page, "__recv", "delta"))))
+    page.click(".msg.user .actions .edit")
+    page.evaluate("document.querySelector('.msg.user textarea').select()")
+    page.type_text("Edited while streaming")
+    page.click(".msg.user .actions .save")
+    page.wait_for("window.__sent.filter(f => f.type === 'generate').length === 4")
+    streaming, restarted = frames(page, "__sent", "generate")[2:]
+    assert frames(page, "__sent", "cancel")[-1]["id"] == streaming["id"]
+    assert restarted["messages"] == [{"role": "user", "content": "Edited while streaming"}]
+    assert page.evaluate("document.querySelectorAll('#messages .msg').length") == 2
+    page.click("#stop")
+    page.wait_for(IDLE, 10)
     assert page.errors() == []
 
 
