@@ -346,6 +346,10 @@ def test_phone_layout_has_no_horizontal_overflow(server, browser, tmp_path):
         .map(e => e.tagName + '.' + e.className)""")
     assert sticking_out == []
     save_shot(page, tmp_path, "phone")
+    page.click("#settings-toggle")  # the settings row wraps on a phone rather than widening the page
+    assert page.evaluate("document.querySelector('#settings').getBoundingClientRect().height") > 0
+    assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+    page.screenshot(tmp_path / "phone-settings.png")
     assert page.errors() == []
 
 
