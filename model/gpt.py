@@ -215,7 +215,10 @@ class GPT(nn.Module):
             return self.cos[:T], self.sin[:T]
         if positions.shape != (T,):
             raise ValueError(f"positions must be (T,) with T={T}, got shape {tuple(positions.shape)}")
-        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= n):
+        # The range check reads values back to the host: skipped while a CUDA graph is being captured (the
+        # runner's decode graphs), where a host sync is illegal; eager calls with the same metadata check it.
+        capturing = positions.is_cuda and torch.cuda.is_current_stream_capturing()
+        if positions.numel() and not capturing and (int(positions.min()) < 0 or int(positions.max()) >= n):
             raise ValueError(f"positions must lie in [0, {n}), got [{int(positions.min())}, {int(positions.max())}]")
         return self.cos[positions], self.sin[positions]
 

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from infer.engine import Engine
 from infer.sampling import SamplingParams
 from model.gpt import GPT
-from model.io import load_model
+from model.io import load_model, resolve_model_dir
 from rlgrpo.rewards import group_advantages, pass_at_k
 from rlgrpo.rollout import Sample, rollout
 from train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
@@ -256,11 +256,12 @@ def main(argv=None, *, tasks=None, log=None) -> dict:
 
     tok = bpe_rs.Tokenizer.load(args.tokenizer)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    engine_model = load_model(args.from_, device=device, compute_dtype=dtype)
+    source = resolve_model_dir(args.from_)  # a model dir, or a checkpoints/stage dir: its newest complete step
+    engine_model = load_model(source, device=device, compute_dtype=dtype)
     cfg = engine_model.config
     if cfg.vocab_size != tok.vocab_size:
         raise ValueError(f"model vocab {cfg.vocab_size} != tokenizer vocab {tok.vocab_size} ({args.tokenizer})")
-    model = load_model(args.from_, device=device, compute_dtype=dtype).train()
+    model = load_model(source, device=device, compute_dtype=dtype).train()
     fsdp = FSDP(model)
     groups = model.param_groups(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                 unembedding_lr=args.unembedding_lr, scalar_lr=args.scalar_lr)

@@ -215,3 +215,13 @@ def test_tiny_model_end_to_end(tmp_path, tok):
                 "--device", "cpu", "--max-per-task", "3", "--out", str(tmp_path / "core.json")])
     assert json.loads((tmp_path / "core.json").read_text())["core"] == pytest.approx(out["core"])
     assert out["num_examples"] == {"mc": 3, "schema": 2, "lm": 3}
+
+
+def test_items_too_long_for_the_context_count_as_wrong(tmp_path):
+    # Two tokens of context leave no room for any item's scored tokens: every item is counted, none scored.
+    calls = []
+    out = evaluate_core(None, CharTok(), write_bundle(tmp_path), score_fn=table_score_fn(calls), max_seq_len=2,
+                        log=None)
+    assert calls == []
+    assert out["accuracy"] == {"mc": 0.0, "schema": 0.0, "lm": 0.0}
+    assert out["num_too_long"] == out["num_examples"] == {"mc": 4, "schema": 2, "lm": 4}

@@ -6,8 +6,9 @@ editing the first message truncates the conversation and regenerates; settings p
 frame of the server (a context_length refusal) is shown; a dropped socket reconnects; a server's API key is taken
 from the page's #key= fragment. Model output is untrusted:
 markdown carrying <script>, onerror handlers and javascript: links creates no element and runs nothing. A
-390×844 phone viewport has no horizontal overflow. Screenshots go to the test's tmp dir and, one desktop and one
-phone, to bench/results/web/.
+390×844 phone viewport has no horizontal overflow. Screenshots go to the test's tmp dir; with
+FLASHCHAT_SAVE_SCREENSHOTS=1 one desktop and one phone shot also refresh bench/results/web/ (committed: a run
+leaves the working tree clean otherwise).
 
 Skipped, with the reason, when no Chromium binary is installed (CI installs Debian's chromium).
 """
@@ -15,6 +16,7 @@ Skipped, with the reason, when no Chromium binary is installed (CI installs Debi
 import contextlib
 import inspect
 import json
+import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -126,8 +128,9 @@ def inject(page, frame):
 
 def save_shot(page, tmp_path, name):
     path = page.screenshot(tmp_path / f"{name}.png")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    shutil.copy(path, RESULTS / f"{name}.png")
+    if os.environ.get("FLASHCHAT_SAVE_SCREENSHOTS") == "1":
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, RESULTS / f"{name}.png")
     return path
 
 

@@ -34,7 +34,8 @@ Limits / deviations from nanochat:
 - Few-shot k is clamped to the number of other items (nanochat PR #551); real tasks are never that small.
 - No rank striding: under torchrun every rank runs the whole evaluation (FSDP needs every rank in every forward).
 - Rows longer than `max_seq_len` (when given) are cropped on the left as nanochat does for fixed-context models;
-  a crop that would cut into the scored tokens is an error. Without it the model's own length check applies.
+  an item whose scored tokens would be cut counts as wrong (`num_too_long` per task says how many; a short-context
+  model cannot score it). Without max_seq_len the model's own length check applies.
 """
 
 from __future__ import annotations
@@ -193,19 +194,22 @@ def model_score_fn(model, pad_id: int) -> ScoreFn:
     return score
 
 
-def _crop(row: list[int], span: tuple[int, int], max_seq_len: int | None) -> tuple[list[int], tuple[int, int]]:
+def _crop(row: list[int], span: tuple[int, int], max_seq_len: int | None) -> tuple[list[int], tuple[int, int]] | None:
+    """The row cropped on the left to max_seq_len tokens, or None when that would cut into its scored tokens."""
     if max_seq_len is None or len(row) <= max_seq_len:
         return row, span
     cut = len(row) - max_seq_len
     if span[0] - 1 < cut:
-        raise ValueError(f"a row of {len(row)} tokens must be cropped to {max_seq_len}, which would cut into its "
-                         f"{span[1] - span[0]} scored tokens")
+        return None
     return row[cut:], (span[0] - cut, span[1] - cut)
 
 
 def evaluate_task(task: Task, items: list[dict], tokenizer, score_fn: ScoreFn, batch_size: int = 32,
-                  max_seq_len: int | None = None) -> float:
-    """Accuracy of one task over `items` (already shuffled and cut; the few-shot pool is these items)."""
+                  max_seq_len: int | None = None, counts: dict | None = None) -> float:
+    """Accuracy of one task over `items` (already shuffled and cut; the few-shot pool is these items).
+
+    An item whose scored tokens (plus the token before them) do not fit in max_seq_len cannot be scored by this
+    model: it counts as wrong, never silently dropped, and `counts["too_long"]` (when given) says how many."""
     bos = tokenizer.bos_id
     with_argmax = task.task_type == "language_modeling"
 
@@ -219,7 +223,8 @@ def evaluate_task(task: Task, items: list[dict], tokenizer, score_fn: ScoreFn, b
         spans = build_rows(task.task_type, ids)
         if task.task_type == "language_modeling":
             ids = ids[1:]  # only the row with the continuation is forwarded
-        return [_crop(r, sp, max_seq_len) for r, sp in zip(ids, spans)]
+        cropped = [_crop(r, sp, max_seq_len) for r, sp in zip(ids, spans)]
+        return None if any(c is None for c in cropped) else cropped
 
     def resolve(i: int, scored) -> bool:
         if task.task_type == "language_modeling":
@@ -241,14 +246,20 @@ def evaluate_task(task: Task, items: list[dict], tokenizer, score_fn: ScoreFn, b
             n += len(prepared)
         pending, pending_rows = [], 0
 
+    too_long = 0
     for i in range(len(items)):
         prepared = prepare(i)
+        if prepared is None:
+            too_long += 1
+            continue
         if pending and pending_rows + len(prepared) > batch_size:
             flush()
         pending.append((i, prepared))
         pending_rows += len(prepared)
     if pending:
         flush()
+    if counts is not None:
+        counts["too_long"] = too_long
     return num_correct / len(items)
 
 
@@ -263,7 +274,7 @@ def evaluate_core(model, tokenizer, bundle_dir: str | Path, max_per_task: int | 
     missing = [t.label for t in tasks if t.label not in baselines]
     if missing:
         raise ValueError(f"eval_meta_data.csv has no random baseline for tasks {missing}")
-    out = {"accuracy": {}, "centered": {}, "num_examples": {}, "seconds": {}}
+    out = {"accuracy": {}, "centered": {}, "num_examples": {}, "seconds": {}, "num_too_long": {}}
     for task in tasks:
         t0 = time.perf_counter()
         items = load_items(bundle_dir, task)
@@ -272,14 +283,17 @@ def evaluate_core(model, tokenizer, bundle_dir: str | Path, max_per_task: int | 
             items = items[:max_per_task]
         if not items:
             raise ValueError(f"task {task.label!r}: {task.dataset_uri} has no items")
-        acc = evaluate_task(task, items, tokenizer, score_fn, batch_size, max_seq_len)
+        counts: dict = {}
+        acc = evaluate_task(task, items, tokenizer, score_fn, batch_size, max_seq_len, counts)
         out["accuracy"][task.label] = acc
+        out["num_too_long"][task.label] = counts["too_long"]
         out["centered"][task.label] = centered_accuracy(acc, baselines[task.label])
         out["num_examples"][task.label] = len(items)
         out["seconds"][task.label] = time.perf_counter() - t0
         if log:
             log(f"{task.label:<36} {task.task_type:<18} {task.num_fewshot:>2}-shot  n={len(items):<6} "
-                f"acc {acc:.4f}  centered {out['centered'][task.label]:+.4f}  {out['seconds'][task.label]:.1f}s")
+                f"acc {acc:.4f}  centered {out['centered'][task.label]:+.4f}  {out['seconds'][task.label]:.1f}s"
+                + (f"  ({counts['too_long']} too long for the context: counted wrong)" if counts["too_long"] else ""))
     out["core"] = sum(out["centered"].values()) / len(out["centered"])
     if log:
         log(f"CORE {out['core']:.4f} over {len(tasks)} tasks")

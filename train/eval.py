@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
         for label, centered in core["centered"].items():
             metrics[f"CORE {label} (centered)"] = centered
             timings[f"CORE {label}"] = core["seconds"][label]
+            if core["num_too_long"][label]:
+                metrics[f"CORE {label} items over the context (scored wrong)"] = core["num_too_long"][label]
         if offline:
             n = len(load_tasks(bundle))
             metrics[f"CORE (offline subset, {n}/{CORE_NUM_TASKS} tasks)"] = core["core"]

@@ -255,7 +255,7 @@ class Speedrun:
                 self.log("waiting for the background download")
                 if background.wait() != 0:
                     raise SystemExit(f"the background download failed (exit {background.returncode})")
-            run_cmd = cmd + (self.resume_flag(stage) if stage in ("base", "mid", "sft") else [])
+            run_cmd = cmd + (self.resume_flag(stage) if stage in ("base", "mid", "sft", "rl") else [])
             self.log(f"stage {stage}: {' '.join(run_cmd)}")
             t0 = time.perf_counter()
             proc = subprocess.run(run_cmd)
