@@ -83,10 +83,16 @@ def rollout(engine: Engine, tokenizer, examples: list[dict], num_samples: int, p
     prompts, plist, seeds = [], [], []
     for ex, q in zip(examples, qids):
         prompt = example_prompt(tokenizer, ex)
+        # A short-context model: the answer may use what the prompt leaves of the context (never a cropped prompt).
+        room = engine.max_model_len - len(prompt)
+        if room < 1:
+            raise ValueError(f"question {q}: its prompt is {len(prompt)} tokens, the model's context is "
+                             f"{engine.max_model_len}: no room to answer")
         for g in range(num_samples):
             s = sample_seed(seed, step, q, g)
             prompts.append(prompt)
-            plist.append(SamplingParams(**{**_params_dict(params), "seed": s}))
+            plist.append(SamplingParams(**{**_params_dict(params), "seed": s,
+                                           "max_tokens": min(params.max_tokens, room)}))
             seeds.append(s)
     version = engine.version
     completions = engine.generate(prompts, plist)
