@@ -53,7 +53,7 @@ def test_render_report_summary_table_and_sections(tmp_path):
     assert "| ARC-Easy | – | 0.2600 |" in lines
     assert "| ChatCORE | – | 0.0100 |" in lines
     assert not any(line.startswith("| MMLU |") for line in lines)  # never a row of dashes only
-    assert "- Total wall clock (sum of the stages): 3m05s" in lines
+    assert "- Total wall clock (sum of the stages' own records): 3m05s" in lines
     assert any(line.startswith("- Cost estimate: n/a on a CPU machine") for line in lines)
     for title in ("## Tokenizer", "## Base model", "## SFT"):
         assert title in lines
@@ -61,6 +61,12 @@ def test_render_report_summary_table_and_sections(tmp_path):
     assert "| ARC-Easy | 3.2 |" in lines or "| ARC-Easy | 3.3 |" in lines
     assert "- Note: GSM8K-format synthetic arithmetic is not GSM8K" in lines
     assert md.index("## Summary") < md.index("## Tokenizer") < md.index("## Base model") < md.index("## SFT")
+
+
+def test_total_uses_the_speedruns_stage_times(tmp_path):
+    R.record_stage(tmp_path, "base", wall_s=100)
+    R.record_run(tmp_path, stage_seconds={"tokenizer": 20.0, "base": 130.0})
+    assert "- Total wall clock: 2m30s (tokenizer 0m20s, base 2m10s)" in R.render_report(tmp_path).splitlines()
 
 
 def test_cost_estimate(tmp_path):

@@ -18,8 +18,9 @@ The run header (`record_run`: start time, tier, git commit, software and hardwar
 `python -m train.report --run-root DIR` renders `DIR/report.md`: header, a Metric × Stage summary table (nanochat's
 rows: CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, ChatCORE), total wall clock, a cost estimate (per-GPU
 hourly prices by GPU name, or --hourly-price), then one section per stage with its metrics, eval timings, notes and
-configuration. Limits: the total is the sum of the stages' recorded wall times (set-up and downloads outside a
-stage are not counted); the cost of a CPU run is only estimated when a price is given.
+configuration. Limits: the total is the sum of the speedrun's stage commands (`stage_seconds` in the run header),
+or of the stages' own records when they ran by hand; set-up outside a stage is not counted; the cost of a CPU
+run is only estimated when a price is given.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def record_run(run_root: str | os.PathLike, **info) -> Path:
         "software": software_versions(), "hardware": hardware_info()}
     rec.update(json.loads(json.dumps(info, default=str)))
     tmp = d / f"._run.json.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps(rec, indent=1, sort_keys=True), "utf-8")
+    tmp.write_text(json.dumps(rec, indent=1), "utf-8")  # insertion order: stage_seconds stays in pipeline order
     os.replace(tmp, path)
     return path
 
@@ -232,9 +233,17 @@ def render_report(run_root: str | os.PathLike, hourly_usd: float | None = None) 
                 if any(m in stages[s]["summary"] for s in cols)]
         lines += _table(["Metric"] + [s.upper() for s in cols], rows) if rows else ["(no evaluation numbers yet)"]
         lines.append("")
-    total = sum(float(s.get("wall_s", 0.0)) for s in stages.values())
+    # The speedrun times every stage's whole command (start-up, training, evaluation); without it (stages run by
+    # hand) the total is the sum of the times the stages recorded themselves.
+    stage_seconds = run.get("stage_seconds") or {}
+    if stage_seconds:
+        total = sum(stage_seconds.values())
+        lines += ["- Total wall clock: " + fmt_seconds(total) + " (" + ", ".join(
+            f"{k} {fmt_seconds(v)}" for k, v in stage_seconds.items()) + ")"]
+    else:
+        total = sum(float(s.get("wall_s", 0.0)) for s in stages.values())
+        lines += [f"- Total wall clock (sum of the stages' own records): {fmt_seconds(total)}"]
     price = hourly_price(hw, hourly_usd)
-    lines += [f"- Total wall clock (sum of the stages): {fmt_seconds(total)}"]
     if price is None:
         lines += ["- Cost estimate: n/a on a CPU machine (pass --hourly-price to estimate one)"]
     else:

@@ -231,7 +231,9 @@ class Speedrun:
             for s in names[names.index(from_stage):]:
                 self.forget(s)
         self.root.mkdir(parents=True, exist_ok=True)
-        record_run(self.root, tier=self.tier.name, gpus=self.gpus)
+        header = json.loads(record_run(self.root, tier=self.tier.name, gpus=self.gpus).read_text("utf-8"))
+        # Wall time per stage command, kept across runs (a resumed run adds the stages it ran; --from forgets).
+        self.stage_seconds = {k: v for k, v in (header.get("stage_seconds") or {}).items() if self.marker(k)}
         background = None
         invalidated = False
         t_start = time.perf_counter()
@@ -262,7 +264,10 @@ class Speedrun:
             if proc.returncode != 0:
                 raise SystemExit(f"stage {stage} failed (exit {proc.returncode}); fix the cause and run the same "
                                  f"command again: finished stages are skipped, training resumes from its checkpoint")
-            self.mark_done(stage, cmd, time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            self.mark_done(stage, cmd, wall)
+            self.stage_seconds[stage] = wall
+            record_run(self.root, stage_seconds=self.stage_seconds)
         record_run(self.root, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         write_report(self.root)
         self.log(f"all stages done in {time.perf_counter() - t_start:.0f} s; report: {self.root / 'report.md'}")
