@@ -797,8 +797,8 @@ class ServerThread:
 # ---- CLI -------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Serve a flashchat model: web page, websocket chat, OpenAI API.")
-    p.add_argument("--checkpoint", type=Path, help="model directory (default: the newest checkpoint under "
-                   "$FLASHCHAT_BASE_DIR, as infer.cli finds it)")
+    p.add_argument("--checkpoint", type=Path, help="model directory, checkpoints directory or a stage's run "
+                   "directory (default: the latest run under $FLASHCHAT_BASE_DIR, as infer.cli finds it)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the run's)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="TCP port, 0 = any free one (default: %(default)s)")
@@ -815,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
     import bpe_rs
 
     from infer.cli import latest_run_checkpoint
-    from model.io import load_model
+    from model.io import CheckpointError, load_model, resolve_model_dir
 
     args = parse_args(argv)
     ckpt, tok_dir = args.checkpoint, args.tokenizer
@@ -830,11 +830,17 @@ def main(argv: list[str] | None = None) -> int:
     if tok_dir is None:
         print("--tokenizer is needed with --checkpoint", file=sys.stderr)
         return 1
+    try:
+        ckpt = resolve_model_dir(ckpt)  # a checkpoints or stage directory: its newest complete step
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
     def load():
         return load_model(ckpt, device=args.device), bpe_rs.Tokenizer.load(tok_dir)
 
-    cfg = ServerConfig(host=args.host, port=args.port, model_name=ckpt.name, api_key=args.api_key,
+    cfg = ServerConfig(host=args.host, port=args.port, model_name=f"{ckpt.parents[1].name}/{ckpt.name}"
+                       if ckpt.name.startswith("step_") else ckpt.name, api_key=args.api_key,
                        tools=args.tools, max_num_seqs=args.max_num_seqs)
 
     def log(msg: str) -> None:
