@@ -4,16 +4,16 @@
 
 Entries (group `rollout-<case>`), generated tok/s in extra_info `gen_tok_per_s`, ratio in `vs_baseline`:
 - `rollout[baseline]`: nanochat chat_rl's sampling without an engine: one question at a time, its G samples
-  decoded in lockstep as one (G, t) batch. The decode loop is bench/test_bench_engine.py's `baseline_generate`
-  (imported, not re-typed): full recompute over the growing batch, since our GPT has no dense KV-cache API —
-  so, as there, the ratio overstates the engine's lead over a real dense-cache loop.
+  decoded in lockstep as one (G, t) batch over a dense per-row KV cache (prompt prefilled once, its cache
+  replicated). The decode loop is bench/test_bench_engine.py's `baseline_generate` (imported, not re-typed).
 - `rollout[engine]`: `rlgrpo.rollout.rollout` — all questions × G requests in one `Engine.generate` (continuous
   batching, paged KV, the G copies of a prompt sharing its prefix blocks), rewards scored.
 Prompts are GSM8K-format synthetic word problems rendered with `render_for_completion`; both sides sample at
 temperature 1 with no EOS stop (the engine is built with `eos_tokens=()`) and no tool calls, so both generate
 exactly questions × G × max_tokens tokens. Model, tokenizer and device set-up are test_bench_engine's fixtures.
-CPU: 8 questions × G=8, 32 new tokens, one torch thread; CUDA: 32 questions × G=16, 256 new tokens (baseline on
-the first 4 questions: they are sequential, so its rate over a subset is the same).
+CPU: 8 questions × G=4, 16 new tokens (baseline on 4 of them), one round, one torch thread; CUDA: 32 questions ×
+G=16, 256 new tokens (baseline on the first 4 questions: they are sequential, so its rate over a subset is the
+same).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from train.tasks_synthetic import ArithmeticWordProblems
 if ON_GPU:
     CASE, QUESTIONS, G, MAX_TOKENS, BASELINE_QUESTIONS, ROUNDS = "d20", 32, 16, 256, 4, 2
 else:
-    CASE, QUESTIONS, G, MAX_TOKENS, BASELINE_QUESTIONS, ROUNDS = "tiny", 8, 8, 32, 8, 2
+    CASE, QUESTIONS, G, MAX_TOKENS, BASELINE_QUESTIONS, ROUNDS = "tiny", 8, 4, 16, 4, 1
 RATE: dict[str, float] = {}
 
 
@@ -61,7 +61,7 @@ def test_bench_rollout(benchmark, model, tok, examples, mode):
     if mode == "baseline":
         todo = [example_prompt(tok, ex) for ex in examples[:BASELINE_QUESTIONS]]
         gen = torch.Generator(device=DEVICE)
-        info.update(questions=len(todo), baseline="one question at a time, G samples lockstep, full recompute")
+        info.update(questions=len(todo), baseline="one question at a time, G samples lockstep, dense KV cache")
 
         def run() -> int:
             gen.manual_seed(0)
