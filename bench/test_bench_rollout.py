@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.test_bench_engine import (CPU_THREADS, DEVICE, DTYPE, ON_GPU, baseline_generate, device_name,  # noqa: F401
+from bench.test_bench_engine import (DEVICE, DTYPE, ON_GPU, _threads, baseline_generate, device_name,  # noqa: F401
                                      model, sync, tok)
 from infer.engine import Engine
 from infer.sampling import SamplingParams
@@ -33,17 +33,6 @@ if ON_GPU:
 else:
     CASE, QUESTIONS, G, MAX_TOKENS, BASELINE_QUESTIONS, ROUNDS = "tiny", 8, 4, 16, 4, 1
 RATE: dict[str, float] = {}
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    if ON_GPU:
-        yield
-        return
-    saved = torch.get_num_threads()
-    torch.set_num_threads(CPU_THREADS)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

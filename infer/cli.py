@@ -30,9 +30,20 @@ from model.chat import ChatFormatError, render_for_completion
 from model.io import CheckpointError, latest_trained_model, load_model, resolve_model_dir
 
 
-def latest_run_checkpoint(base_dir: Path) -> tuple[Path, Path] | None:
-    """(model dir, tokenizer dir) of the latest run under base_dir: its most trained stage's newest checkpoint."""
-    return latest_trained_model(base_dir)
+def find_checkpoint(checkpoint: Path | None, tokenizer: Path | None) -> tuple[Path, Path]:
+    """(model dir, tokenizer dir) from the --checkpoint/--tokenizer flags of the CLI and the server: a model,
+    checkpoints or stage directory, or (None) the latest run under $FLASHCHAT_BASE_DIR, its most trained stage.
+    Raises CheckpointError with what to do."""
+    if checkpoint is None:
+        base = Path(os.environ.get("FLASHCHAT_BASE_DIR", Path.home() / ".cache" / "flashchat"))
+        found = latest_trained_model(base)
+        if found is None:
+            raise CheckpointError(f"no checkpoint found under {base}: run ./run_speedrun.sh first, or pass "
+                                  f"--checkpoint")
+        return found[0], tokenizer or found[1]
+    if tokenizer is None:
+        raise CheckpointError("--tokenizer is needed with --checkpoint")
+    return resolve_model_dir(checkpoint), tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,21 +89,14 @@ def answer(engine: Engine, tok, messages: list[dict], params: SamplingParams, ou
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    ckpt, tok_dir = args.checkpoint, args.tokenizer
-    if ckpt is None:
-        base = Path(os.environ.get("FLASHCHAT_BASE_DIR", Path.home() / ".cache" / "flashchat"))
-        found = latest_run_checkpoint(base)
-        if found is None:
-            print(f"no checkpoint found under {base}: run ./run_speedrun.sh first, or pass --checkpoint",
-                  file=sys.stderr)
-            return 1
-        ckpt, tok_dir = found[0], tok_dir or found[1]
-    if tok_dir is None:
-        print("--tokenizer is needed with --checkpoint", file=sys.stderr)
+    try:
+        ckpt, tok_dir = find_checkpoint(args.checkpoint, args.tokenizer)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     try:
         tok = bpe_rs.Tokenizer.load(tok_dir)
-        model = load_model(resolve_model_dir(ckpt), device=args.device)
+        model = load_model(ckpt, device=args.device)
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 max_tokens=args.max_tokens, seed=args.seed)
     except (bpe_rs.BpeError, CheckpointError, SamplingParamsError, FileNotFoundError) as e:

@@ -814,24 +814,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     import bpe_rs
 
-    from infer.cli import latest_run_checkpoint
-    from model.io import CheckpointError, load_model, resolve_model_dir
+    from infer.cli import find_checkpoint
+    from model.io import CheckpointError, load_model
 
     args = parse_args(argv)
-    ckpt, tok_dir = args.checkpoint, args.tokenizer
-    if ckpt is None:
-        base = Path(os.environ.get("FLASHCHAT_BASE_DIR", Path.home() / ".cache" / "flashchat"))
-        found = latest_run_checkpoint(base)
-        if found is None:
-            print(f"no checkpoint found under {base}: run ./run_speedrun.sh first, or pass --checkpoint",
-                  file=sys.stderr)
-            return 1
-        ckpt, tok_dir = found[0], tok_dir or found[1]
-    if tok_dir is None:
-        print("--tokenizer is needed with --checkpoint", file=sys.stderr)
-        return 1
     try:
-        ckpt = resolve_model_dir(ckpt)  # a checkpoints or stage directory: its newest complete step
+        ckpt, tok_dir = find_checkpoint(args.checkpoint, args.tokenizer)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

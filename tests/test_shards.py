@@ -176,8 +176,15 @@ def test_val_split_is_held_out_by_hash(tmp_path, texts, tok, tokenizer_dir, monk
     assert manifest["input"]["kind"] == "offline"
     want_val = [d.text for d in docs if split_of(d) == "val"]
     assert 0 < len(want_val) < len(docs) // 10
-    assert _decoded(tok, open_split(out, "val")) == want_val
-    assert _decoded(tok, open_split(out, "train")) == [d.text for d in docs if split_of(d) == "train"]
+    # The offline corpus is written shuffled (fixed seed): the same documents, not in source order.
+    shuffled = list(docs)
+    random.Random(0).shuffle(shuffled)
+    assert manifest["input"]["order"] == "shuffled:seed=0"
+    assert _decoded(tok, open_split(out, "val")) == [d.text for d in shuffled if split_of(d) == "val"]
+    train_texts = _decoded(tok, open_split(out, "train"))
+    assert train_texts == [d.text for d in shuffled if split_of(d) == "train"]
+    assert train_texts != [d.text for d in docs if split_of(d) == "train"] and sorted(want_val) == sorted(
+        _decoded(tok, open_split(out, "val")))
     with pytest.raises(ValueError, match="last-file needs --input"):
         tokenize_to_shards(tokenizer_dir, tmp_path / "x", None, val="last-file", log=_quiet)
 

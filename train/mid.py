@@ -240,7 +240,9 @@ def run_stage(args: argparse.Namespace, d: StageDefaults) -> dict:
     run.open_wandb(args.wandb, f"{run_root.name}-{d.stage}", {**vars(args), **run_key})
 
     token_bytes = torch.tensor(tok.token_byte_lengths(), dtype=torch.int64, device=device)
-    eval_steps = max(1, args.eval_tokens // micro_tokens)
+    # At most one pass over the val conversations (every row holds at least one; the same count on every rank, so
+    # FSDP's collectives line up): a small val set is not cycled through again and again.
+    eval_steps = max(1, min(args.eval_tokens // micro_tokens, -(-len(val_mix) // (B * world))))
 
     def evaluate(step: int) -> dict:
         val = make_loader(val_mix)  # fresh each time: the same rows, so evaluations compare

@@ -3,8 +3,9 @@
     python -m train.shards --tokenizer runs/tokenizer --out runs/shards                  # the offline corpus
     python -m train.shards --tokenizer runs/tokenizer --input base_data/ --val last-file --out runs/shards
 
-Input is a stream of train.corpus Documents: the offline corpus, or every .txt/.jsonl/.parquet file of a
-directory (the real parquet pretraining shards go through the same path). Documents are read on a background
+Input is a stream of train.corpus Documents: the offline corpus (its documents shuffled with a fixed seed, since
+it comes source by source), or every .txt/.jsonl/.parquet file of a directory in file order (the real parquet
+pretraining shards, shuffled upstream, go through the same path). Documents are read on a background
 thread while the main thread encodes batches of ~--batch-chars characters with bpe_rs's `encode_batch_flat`
 (all cores, GIL released, so reading the next batch overlaps encoding this one). Each document is stored with
 the BOS token in front (BOS is the document delimiter the loader packs on, as in nanochat). A document never
@@ -45,6 +46,7 @@ import json
 import os
 import platform
 import queue
+import random
 import struct
 import threading
 import time
@@ -207,13 +209,26 @@ def _directory_files(root: Path) -> list[Path]:
                   key=lambda p: p.relative_to(root).as_posix())
 
 
+# The offline corpus comes source by source (all of Shakespeare, then the chats, then CPython's docs); a run that
+# reads a tenth of it would see one source only. Its ~8K documents are shuffled once, with a fixed seed, before
+# they are written (nanochat's pretraining shards are shuffled upstream; a directory keeps its file order).
+OFFLINE_ORDER = "shuffled:seed=0"
+
+
+def _shuffled_offline_documents() -> Iterator[Document]:
+    docs = list(iter_offline_documents())  # ~21 MB of text
+    random.Random(0).shuffle(docs)
+    yield from docs
+
+
 def _input_spec(input_path: str | None, val: str) -> tuple[dict, Callable[[], Iterator[Document]],
                                                              Callable[[Document], str]]:
     """(fingerprint for the manifest, document stream factory, document -> split)."""
     if input_path is None:
         if val != "hash":
             raise ValueError("--val last-file needs --input DIR (the offline corpus splits by hash)")
-        return {"kind": "offline", "versions": _offline_fingerprint(), "val": val}, iter_offline_documents, split_of
+        return ({"kind": "offline", "versions": _offline_fingerprint(), "val": val, "order": OFFLINE_ORDER},
+                _shuffled_offline_documents, split_of)
     root = Path(input_path).resolve()
     files = _directory_files(root)
     if not files:
