@@ -7,7 +7,8 @@ or "cpu-<model>-<N>core"), holding per entry (pytest node id) its median seconds
 extra_info carries (METRICS). Options (all off by default: a plain `pytest bench/` only measures):
 
     pytest bench/ --bench-save-baseline            # write this device's baseline from this run
-    pytest bench/ --bench-compare                  # fail on a > 5% regression against it
+    pytest bench/ --bench-compare                  # fail on a > 5% regression against it (--benchmark-compare,
+                                                   # pytest-benchmark's flag, does the same here)
     pytest bench/ --bench-compare --bench-compare-ratios-only    # same-session ratios only: for noisy machines
     pytest bench/ --bench-compare --bench-tolerance 0.10         # another threshold
 
@@ -51,6 +52,15 @@ def pytest_addoption(parser):
                 help="compare only same-session ratios (vs_baseline, vs_eager, ...): stable on a busy machine")
     g.addoption("--bench-tolerance", type=float, default=0.05,
                 help="allowed regression as a fraction (default 0.05 = 5%%)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # pytest-benchmark's own `--benchmark-compare` looks for its saved runs in .benchmarks/; here it means ours:
+    # the committed per-device baseline (before pytest-benchmark's plugin reads the option).
+    if getattr(config.option, "benchmark_compare", False):
+        config.option.benchmark_compare = False
+        config.option.bench_compare = True
 
 
 def device_slug() -> str:

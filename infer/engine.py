@@ -273,18 +273,39 @@ class Engine:
     # ---- offline batch generation ------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[Completion]:
-        """Generate for every prompt (continuous batching underneath); results in the prompts' order."""
+        """Generate for every prompt (continuous batching underneath); results in the prompts' order.
+
+        Any number of prompts: they are admitted as the waiting queue has room (max_waiting), so a batch larger
+        than the queue never meets QueueFullError. A prompt that cannot be served (too long, bad ids) raises
+        ValueError before anything runs for it, and the requests this call already queued are aborted."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        state = {rid: {"tokens": [], "text": [], "reason": None, "lp": [] if sp.logprobs else None, "mask": [],
-                       "tools": []} for rid, sp in zip(ids, plist)}
-        seqs = {rid: self._requests[rid].seq for rid in ids}
-        while any(s["reason"] is None for s in state.values()):
+        ids: list[str] = []
+        state: dict[str, dict] = {}
+        seqs = {}
+
+        def admit() -> None:
+            while len(ids) < len(prompts) and self.scheduler.num_waiting < self.scheduler.max_waiting:
+                k = len(ids)
+                try:
+                    rid = self.add_request(prompts[k], plist[k])
+                except ValueError:
+                    for queued in ids:
+                        self.abort(queued)
+                    raise
+                ids.append(rid)
+                state[rid] = {"tokens": [], "text": [], "reason": None, "lp": [] if plist[k].logprobs else None,
+                              "mask": [], "tools": []}
+                seqs[rid] = self._requests[rid].seq
+
+        admit()
+        while len(ids) < len(prompts) or any(s["reason"] is None for s in state.values()):
             outs = self.step()
             for out in outs:
-                s = state[out.request_id]
+                s = state.get(out.request_id)
+                if s is None:  # another caller's request on a shared engine
+                    continue
                 s["tokens"].extend(out.token_ids)
                 s["mask"].extend(out.mask)
                 s["text"].append(out.text)
@@ -294,7 +315,8 @@ class Engine:
                     s["lp"].extend(out.logprobs)
                 if out.finished:
                     s["reason"] = out.finish_reason
-            if not outs and not self.scheduler.has_unfinished:
+            admit()
+            if not outs and not self.scheduler.has_unfinished and len(ids) == len(prompts):
                 break
         return [Completion(rid, list(prompts[k]), state[rid]["tokens"], "".join(state[rid]["text"]),
                            state[rid]["reason"] or FINISH_ABORT, state[rid]["lp"], seqs[rid].num_prefix_hit_tokens,

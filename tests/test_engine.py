@@ -128,6 +128,20 @@ def test_bad_requests_are_refused_with_the_numbers(tok, model):
         engine.add_request([1, 2, 3], SamplingParams(max_tokens=4))
 
 
+def test_generate_takes_more_prompts_than_the_waiting_queue(tok, model):
+    ps = prompts(tok)
+    params = SamplingParams(temperature=0, max_tokens=6)
+    wide = Engine(model, tok, block_size=8, num_blocks=64, log=lambda _: None).generate(ps, params)
+    narrow = Engine(model, tok, block_size=8, num_blocks=64, max_num_seqs=2, max_waiting=3, log=lambda _: None)
+    out = narrow.generate(ps, params)  # 12 prompts through a queue of 3: admitted as room frees up
+    assert [c.token_ids for c in out] == [c.token_ids for c in wide]
+    bad = ps[:5] + [[1] * 200] + ps[5:]
+    with pytest.raises(ValueError, match="maximum context length"):
+        narrow.generate(bad, params)
+    assert not narrow.has_unfinished()  # the requests queued before the bad one were aborted
+    assert narrow.block_manager.num_free_blocks == 64
+
+
 def test_load_weights_changes_outputs_and_bumps_the_version(tok):
     model = make_model(tok, seed=0)
     engine = Engine(model, tok, block_size=8, num_blocks=64, log=lambda _: None)
