@@ -189,3 +189,11 @@ def test_humaneval_completion_that_loops_forever_is_wrong_within_the_time_limit(
     t0 = time.perf_counter()
     assert not task.evaluate(ex, loop)
     assert time.perf_counter() - t0 < 4.0
+
+
+def test_binomial_tail():
+    from train.chat_eval import binomial_tail
+
+    assert binomial_tail(10, 0, 0.25) == 1.0
+    assert binomial_tail(4, 4, 0.5) == pytest.approx(1 / 16)
+    assert binomial_tail(3, 2, 0.25) == pytest.approx(3 * 0.25 ** 2 * 0.75 + 0.25 ** 3)

@@ -14,7 +14,7 @@ from model.config import ModelConfig
 from model.gpt import GPT
 from model.io import save_model
 from tests.test_core_eval import write_bundle
-from train.chat_eval import DEFAULT_TASKS, chatcore
+from train.chat_eval import DEFAULT_TASKS, binomial_tail, chatcore
 from train.eval import main
 from train.report import load_stage
 from train.shards import write_token_shards
@@ -84,10 +84,26 @@ def test_incomplete_chatcore_names_the_tasks_that_ran(run):
     assert any("ChatCORE not computed" in n and "ran ['ARC-Easy']" in n for n in rec["notes"])
 
 
+def test_arithmetic_mc_is_judged_against_chance(run):
+    out = main(args(run, "rl", "--tasks", "synthetic-arithmetic-mc,ARC-Easy", "--max-problems", "2", "--problems",
+                    "synthetic-arithmetic-mc=12"))
+    res = out["results"]["synthetic-arithmetic-mc"]
+    assert res.num_problems == 12 and out["results"]["ARC-Easy"].num_problems == 2  # the override, per task
+    rec = load_stage(run / "rl", "rl")
+    p_value = rec["metrics"]["synthetic-arithmetic-mc p-value vs chance"]
+    assert p_value == pytest.approx(binomial_tail(12, res.num_correct, 0.25))
+    verdict = "better than chance" if p_value < 0.05 else "not better than chance"
+    assert any(n.startswith("generated arithmetic questions (4 choices, chance 0.25): "
+                            f"{res.num_correct}/12") and n.endswith(verdict) for n in rec["notes"])
+
+
 def test_bad_arguments_fail_with_the_names(run, capsys):
     with pytest.raises(SystemExit):
         main(args(run, "sft", "--tasks", "ARC-Easy,GSM9K"))
     assert "GSM9K" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args(run, "sft", "--problems", "ARC-Easy=zero"))
+    assert "expected TASK=N" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="neither a model directory"):
         main(["--stage", "sft", "--checkpoint", str(run), "--tokenizer", str(run / "tokenizer"),
               "--run-root", str(run / "x")])

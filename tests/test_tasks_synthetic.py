@@ -161,3 +161,13 @@ def test_index_errors(make):
 
 def test_words_from_texts():
     assert words_from_texts(["The cat, the DOG; a cat2 and x"]) == ["and", "cat", "dog", "the"]
+
+
+def test_arithmetic_only_multiple_choice():
+    task = MultipleChoice(50, seed=3, kinds=("arithmetic",))
+    assert task.name == "synthetic-arithmetic-mc"
+    assert all(ex["messages"][0]["content"].startswith("What is ") for ex in task)
+    mixed = MultipleChoice(50, seed=3)
+    assert mixed.name == "synthetic-mc" and any("letters?" in ex["messages"][0]["content"] for ex in mixed)
+    with pytest.raises(ValueError, match="kinds must be"):
+        MultipleChoice(5, kinds=("algebra",))

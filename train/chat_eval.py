@@ -56,13 +56,15 @@ from model.chat import ChatFormatError, parse_assistant_parts, render_for_comple
 # Display name → offline loader name (train.tasks.offline.load).
 OFFLINE_TASKS = {"ARC-Easy": "arc_easy", "ARC-Challenge": "arc_challenge", "MMLU": "mmlu", "GSM8K": "gsm8k",
                  "HumanEval": "humaneval"}
-SYNTHETIC_TASKS = ("synthetic-arithmetic", "synthetic-spelling", "synthetic-mc", "synthetic-identity")
+SYNTHETIC_TASKS = ("synthetic-arithmetic", "synthetic-spelling", "synthetic-mc", "synthetic-arithmetic-mc",
+                   "synthetic-identity")
 SYNTHETIC_SIZE = 256  # problems per synthetic task without --max-problems (nanochat's SpellingBee eval size)
 SYNTHETIC_SEED = 7_777_777  # the eval stream: a seed no training mixture uses
 # ChatCORE's tasks and their random baselines (nanochat chat_eval.py).
 CHATCORE_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
 CATEGORICAL_CHATCORE = ("ARC-Easy", "ARC-Challenge", "MMLU")  # nanochat's ChatCORE_cat, logged during SFT
-DEFAULT_TASKS = tuple(CHATCORE_BASELINES) + ("synthetic-arithmetic", "synthetic-spelling", "synthetic-mc")
+DEFAULT_TASKS = tuple(CHATCORE_BASELINES) + ("synthetic-arithmetic", "synthetic-spelling", "synthetic-mc",
+                                             "synthetic-arithmetic-mc")
 KNOWN_TASKS = tuple(OFFLINE_TASKS) + SYNTHETIC_TASKS
 
 
@@ -100,9 +102,12 @@ def load_task(name: str, max_problems: int | None = None, seed: int = 0, sandbox
     if name in SYNTHETIC_TASKS:
         import train.tasks_synthetic as ts
 
+        size = max_problems or SYNTHETIC_SIZE
+        if name == "synthetic-arithmetic-mc":
+            return ts.MultipleChoice(size, SYNTHETIC_SEED, kinds=("arithmetic",))
         cls = {"synthetic-arithmetic": ts.ArithmeticWordProblems, "synthetic-spelling": ts.SpellingCount,
                "synthetic-mc": ts.MultipleChoice, "synthetic-identity": ts.IdentityChats}[name]
-        return cls(size=max_problems or SYNTHETIC_SIZE, seed=SYNTHETIC_SEED)
+        return cls(size=size, seed=SYNTHETIC_SEED)
     raise KeyError(f"unknown chat eval task {name!r}; known: {', '.join(KNOWN_TASKS)}")
 
 
@@ -191,6 +196,11 @@ def assistant_text(tokenizer, token_ids: Sequence[int], eos_token_ids: Sequence[
         specials = set(tokenizer.special_tokens.values())
         return tokenizer.decode([t for t in ids if t not in specials])
     return "".join(p["text"] for p in parts if p["type"] == "text")
+
+
+def binomial_tail(n: int, c: int, p: float) -> float:
+    """P(X ≥ c) for X ~ Binomial(n, p): the one-sided p-value of c correct out of n against chance p."""
+    return min(1.0, sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(c, n + 1)))
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from train.chat_eval import CATEGORICAL_CHATCORE, DEFAULT_TASKS, KNOWN_TASKS, chatcore, load_task, task_kind
+from train.chat_eval import (CATEGORICAL_CHATCORE, DEFAULT_TASKS, KNOWN_TASKS, binomial_tail, chatcore, load_task,
+                             task_kind)
 from train.report import SUMMARY_METRICS, record_stage
 
 STAGES = ("base", "mid", "sft", "rl")
@@ -59,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                  f"(default: {','.join(DEFAULT_TASKS)} for mid/sft/rl, none for base)")
     g.add_argument("--max-problems", type=int, default=None, help="problems per chat task (a seeded subset; "
                                                                   "default all, synthetic 256)")
+    g.add_argument("--problems", action="append", default=[], metavar="TASK=N",
+                   help="problems for one task, over --max-problems (repeatable), e.g. synthetic-arithmetic-mc=256")
     g.add_argument("--num-samples", type=int, default=1, help="samples per generative problem (pass@k)")
     g.add_argument("--temperature", type=float, default=0.0, help="generative sampling temperature (nanochat: 0)")
     g.add_argument("--top-k", type=int, default=50, help="generative top-k (nanochat: 50)")
@@ -75,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     args.task_list = resolve_tasks(args.tasks, args.stage, p.error)
+    args.problems_by_task = {}
+    for spec in args.problems:
+        name, _, n = spec.partition("=")
+        if name not in KNOWN_TASKS or not n.isdigit() or int(n) < 1:
+            p.error(f"--problems {spec!r}: expected TASK=N with TASK among {', '.join(KNOWN_TASKS)} and N ≥ 1")
+        args.problems_by_task[name] = int(n)
     return args
 
 
@@ -153,7 +162,8 @@ def run_chat_tasks(model, tok, args, log) -> dict:
     from infer.sandbox import ToolExecutor
     from train.chat_eval import evaluate_categorical, evaluate_generative
 
-    tasks = {n: load_task(n, args.max_problems, args.seed, args.sandbox_timeout) for n in args.task_list}
+    tasks = {n: load_task(n, args.problems_by_task.get(n, args.max_problems), args.seed, args.sandbox_timeout)
+             for n in args.task_list}
     results = {}
     with ToolExecutor(max_workers=4, timeout_s=args.sandbox_timeout,
                       cpu_s=max(1, int(args.sandbox_timeout))) as executor:
@@ -232,6 +242,13 @@ def main(argv: list[str] | None = None) -> dict:
             metrics[f"{name} prompts over the context (scored wrong)"] = res.num_too_long
         if res.synthetic:
             notes.append(f"{name} is flashchat's own synthetic task, not a benchmark")
+    if "synthetic-arithmetic-mc" in results:  # the cpu tier's question: better than chance at arithmetic?
+        res = results["synthetic-arithmetic-mc"]
+        p_value = binomial_tail(res.num_problems, res.num_correct, 0.25)
+        verdict = "better than chance" if p_value < 0.05 else "not better than chance"
+        metrics["synthetic-arithmetic-mc p-value vs chance"] = p_value
+        notes.append(f"generated arithmetic questions (4 choices, chance 0.25): {res.num_correct}/{res.num_problems}"
+                     f" = {res.accuracy:.3f}, one-sided binomial p = {p_value:.2g}: {verdict}")
     if results and args.max_problems:
         notes.append(f"chat evals on at most {args.max_problems} problems per task (seeded subset, seed "
                      f"{args.seed}), not the full test sets")

@@ -97,7 +97,10 @@ TIERS: dict[str, Tier] = {
                 sft=["--mixture", "offline", "--num-iterations", "40", "--eval-every", "20", "--eval-tokens", "65536"],
                 rl=["--task", "synthetic", "--num-steps", "8"],
                 base_eval=["--core-bundle", "offline", "--max-per-task", "32", "--bpb-tokens", "16384"],
-                chat_eval=["--max-problems", "32"], rl_eval=["--max-problems", "32"],
+                # 32 problems per benchmark task (the generative ones cost seconds each on CPU); 256 generated
+                # arithmetic questions (categorical, cheap) for the report's better-than-chance statement.
+                chat_eval=["--max-problems", "32", "--problems", "synthetic-arithmetic-mc=256"],
+                rl_eval=["--max-problems", "32", "--problems", "synthetic-arithmetic-mc=256"],
                 mixture="offline", model_dim=256, head_dim=64),
     # nanochat's v0 $100 run (d20, Chinchilla ratio 20, 11.2B tokens; 240 shards ≈ 24 GB).
     "d20": _gpu_tier("d20", 20, 32, 240),

@@ -275,8 +275,16 @@ class MultipleChoice(SyntheticTask):
     name = "synthetic-mc"
     eval_type = "categorical"
 
-    def __init__(self, size: int, seed: int = 0, words: Sequence[str] | None = None, split: str = "train"):
+    KINDS = ("arithmetic", "word_length")
+
+    def __init__(self, size: int, seed: int = 0, words: Sequence[str] | None = None, split: str = "train",
+                 kinds: Sequence[str] = KINDS):
         super().__init__(size, seed, split)
+        if not kinds or any(k not in self.KINDS for k in kinds):
+            raise ValueError(f"{self.name}: kinds must be a non-empty subset of {self.KINDS}, got {kinds!r}")
+        self.kinds = tuple(kinds)
+        if self.kinds == ("arithmetic",):
+            self.name = "synthetic-arithmetic-mc"  # the speedrun's "better than chance" check (chance: 1/4)
         self.words = tuple(sorted(set(words if words is not None else _WORDS)))
         self._by_len: dict[int, list[str]] = {}
         for w in self.words:
@@ -285,7 +293,8 @@ class MultipleChoice(SyntheticTask):
             raise ValueError(f"{self.name}: words need at least {len(LETTERS)} different lengths")
 
     def generate(self, rng: random.Random, i: int) -> dict:
-        if rng.random() < 0.5:
+        kind = self.kinds[0] if len(self.kinds) == 1 else ("arithmetic" if rng.random() < 0.5 else "word_length")
+        if kind == "arithmetic":
             question, correct, distractors = self._arithmetic(rng)
         else:
             question, correct, distractors = self._word_length(rng)
