@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--bpb-tokens", type=int, default=1 << 20,
                    help="tokens per split for bpb (default %(default)s; nanochat's base eval: 10,485,760)")
     g = p.add_argument_group("CORE")
-    g.add_argument("--core-bundle", default=None, help="eval-bundle directory, or 'offline' (CPU tier subset)")
+    g.add_argument("--core-bundle", default=None, help="eval-bundle directory, 'download' (DCLM's, fetched once into "
+                                                       "the task cache) or 'offline' (the CPU tier's 14-task subset)")
     g.add_argument("--max-per-task", type=int, default=None, help="CORE items per task (default all; nanochat "
                                                                    "uses 500 during training)")
     g = p.add_argument_group("chat evals")
@@ -144,7 +145,12 @@ def shard_bpb(model, tok, shard_dir: str, split: str, num_tokens: int, batch_siz
 
 
 def core_bundle(spec: str, run_root: Path) -> tuple[Path, bool]:
-    """(bundle directory, is_offline). 'offline' builds the CPU tier's bundle under <run-root>/core_offline."""
+    """(bundle directory, is_offline). 'offline' builds the CPU tier's bundle under <run-root>/core_offline;
+    'download' fetches DCLM's eval bundle (all 22 tasks) into the task cache (train.tasks.remote)."""
+    if spec == "download":
+        from train.tasks.remote import fetch_core_bundle
+
+        return Path(fetch_core_bundle()), False
     if spec == "offline":
         from train.core_offline import build_offline_bundle  # deferred: only the CPU tier needs it
 
