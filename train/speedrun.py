@@ -95,7 +95,8 @@ TIERS: dict[str, Tier] = {
                       "--eval-tokens", "16384", "--sample-every", "150", "--save-every", "50"],
                 mid=["--mixture", "offline", "--num-iterations", "60", "--eval-every", "30", "--eval-tokens", "65536"],
                 sft=["--mixture", "offline", "--num-iterations", "40", "--eval-every", "20", "--eval-tokens", "65536"],
-                rl=["--task", "synthetic", "--num-steps", "8"],
+                rl=["--task", "synthetic", "--num-steps", "8", "--examples-per-step", "8", "--num-samples", "8",
+                    "--max-new-tokens", "128", "--eval-every", "4", "--eval-examples", "32", "--eval-samples", "4"],
                 base_eval=["--core-bundle", "offline", "--max-per-task", "32", "--bpb-tokens", "16384"],
                 # 32 problems per benchmark task (the generative ones cost seconds each on CPU); 256 generated
                 # arithmetic questions (categorical, cheap) for the report's better-than-chance statement.
@@ -247,7 +248,9 @@ class Speedrun:
                 self.log(f"stage {stage}: done already ({done.get('finished')}), skipping")
                 continue
             if done is not None:  # a finished stage whose command changed: it and all later stages re-run
-                self.log(f"stage {stage}: its command changed since it ran; running it again (and every later stage)")
+                self.log(f"stage {stage}: " + ("an earlier stage ran again; so does this one" if invalidated else
+                                               "its command changed since it ran; running it again (and every "
+                                               "later stage)"))
                 self.forget(stage)
                 invalidated = True
             if stage == "tokenizer" and self.tier.num_shards and background is None:
