@@ -7,15 +7,16 @@ import pytest
 from train import report as R
 
 
-def test_record_stage_creates_then_merges(tmp_path):
+def test_record_stage_merges_sources_and_a_source_replaces_itself(tmp_path):
     R.record_stage(tmp_path, "sft", wall_s=10.0, metrics={"val_bpb": 0.9}, config={"steps": 5}, notes=["a"])
+    R.record_stage(tmp_path, "sft", wall_s=7.0, summary={"ARC-Easy": 0.1}, notes=["old eval"], source="eval")
     R.record_stage(tmp_path, "sft", wall_s=2.5, summary={"ARC-Easy": 0.3}, timings={"ARC-Easy": 1.5},
-                   notes=["a", "b"])
+                   notes=["a", "b"], source="eval")  # a re-run evaluation replaces the first one
     rec = R.load_stage(tmp_path, "sft")
     assert rec["wall_s"] == 12.5  # the evaluation's time adds to the stage's
     assert rec["metrics"] == {"val_bpb": 0.9} and rec["summary"] == {"ARC-Easy": 0.3}
     assert rec["timings"] == {"ARC-Easy": 1.5} and rec["config"] == {"steps": 5}
-    assert rec["notes"] == ["a", "b"]  # a repeated note is kept once
+    assert rec["notes"] == ["a", "b"]  # a repeated note is kept once; the replaced evaluation's are gone
     assert "cpus" in rec["hardware"]
     assert not list((tmp_path / "report").glob(".*tmp*"))  # no temporary file left behind
 
@@ -36,6 +37,9 @@ def test_corrupt_record_is_a_clear_error(tmp_path):
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "mid.json").write_text("{not json")
     with pytest.raises(ValueError, match="mid.json is not valid JSON"):
+        R.load_stages(tmp_path)
+    (tmp_path / "report" / "mid.json").write_text('{"stage": "mid", "metrics": {}}')
+    with pytest.raises(ValueError, match="not a stage record of this version"):
         R.load_stages(tmp_path)
 
 

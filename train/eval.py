@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
               "eval_max_tokens": args.max_tokens, "eval_core_bundle": args.core_bundle,
               "eval_bpb_tokens": args.bpb_tokens if args.shards else None, "eval_device": str(device)}
     path = record_stage(run_root, args.stage, wall_s=wall_s, summary=summary, metrics=metrics, timings=timings,
-                        config=config, notes=notes)
+                        config=config, notes=notes, source="eval")
     log(format_table(args.stage, summary, metrics, timings))
     for note in notes:
         log(f"note: {note}")

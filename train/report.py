@@ -2,12 +2,14 @@
 
     from train.report import record_stage, load_stages
     record_stage(run_root, "mid", wall_s=812.0, metrics={"val_bpb": 0.71}, config={"steps": 500})
-    record_stage(run_root, "sft", summary={"ARC-Easy": 0.38, "ChatCORE": 0.09}, timings={"ARC-Easy": 12.4})
+    record_stage(run_root, "sft", summary={"ARC-Easy": 0.38, "ChatCORE": 0.09}, timings={"ARC-Easy": 12.4},
+                 source="eval")
 
 `run_root` is the directory of one run (the tier's directory: tokenizer/, base/, mid/, sft/, rl/ live in it);
-each stage's record is `<run_root>/report/<stage>.json`. A second call for the same stage merges into the record
-(an evaluation adds its numbers to the stage it evaluated): dicts are updated key by key, notes are appended once,
-`wall_s` adds up. Writes are atomic (tmp file, fsync, rename), so a crash never leaves half a record.
+each stage's record is `<run_root>/report/<stage>.json`, with one part per source: "train" (the stage's own
+command) and "eval" (train.eval on its checkpoint). A second call from the same source replaces that part (a
+re-run evaluation replaces its numbers); `load_stage` merges the parts into one view (dicts updated, notes once,
+`wall_s` summed). Writes are atomic (tmp file, fsync, rename), so a crash never leaves half a record.
 
 Record fields: stage, wall_s (seconds the stage took, evaluations included), metrics (name → number: anything the
 stage measured), summary (the numbers of the Metric × Stage table, by the canonical names in SUMMARY_METRICS),
@@ -71,14 +73,36 @@ def _check_numbers(what: str, d: Mapping) -> dict:
     return out
 
 
-def load_stage(run_root: str | os.PathLike, stage: str) -> dict | None:
+_PART_DICTS = ("metrics", "summary", "timings", "config")
+
+
+def _read_record(run_root: str | os.PathLike, stage: str) -> dict | None:
     path = report_dir(run_root) / f"{stage}.json"
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        rec = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); delete it and re-run the stage") from e
+    if not isinstance(rec, dict) or not isinstance(rec.get("sources"), dict):
+        raise ValueError(f"{path} is not a stage record of this version (no 'sources'); delete it and re-run")
+    return rec
+
+
+def load_stage(run_root: str | os.PathLike, stage: str) -> dict | None:
+    """The stage's record as one view: its sources (training, evaluation) merged in the order they were first
+    recorded — dicts updated, notes concatenated once, wall_s summed."""
+    rec = _read_record(run_root, stage)
+    if rec is None:
+        return None
+    view = {"stage": stage, "hardware": rec.get("hardware", {}), "updated": rec.get("updated"), "wall_s": 0.0,
+            "notes": [], **{k: {} for k in _PART_DICTS}}
+    for part in rec["sources"].values():
+        view["wall_s"] += float(part.get("wall_s", 0.0))
+        for k in _PART_DICTS:
+            view[k].update(part.get(k, {}))
+        view["notes"] += [n for n in part.get("notes", []) if n not in view["notes"]]
+    return view
 
 
 def load_stages(run_root: str | os.PathLike) -> dict[str, dict]:
@@ -91,27 +115,22 @@ def load_stages(run_root: str | os.PathLike) -> dict[str, dict]:
 
 def record_stage(run_root: str | os.PathLike, stage: str, *, wall_s: float | None = None,
                  metrics: Mapping | None = None, summary: Mapping | None = None, timings: Mapping | None = None,
-                 config: Mapping | None = None, notes: Sequence[str] = ()) -> Path:
-    """Create or merge `<run_root>/report/<stage>.json`; returns its path."""
+                 config: Mapping | None = None, notes: Sequence[str] = (), source: str = "train") -> Path:
+    """Record what `source` ("train": the stage's own command; "eval": train.eval on its checkpoint) measured for
+    `stage` in `<run_root>/report/<stage>.json`, replacing that source's earlier record (a re-run evaluation
+    replaces its numbers, never adds to them) and keeping the other sources'. Returns the file's path."""
     if not stage or "/" in stage or stage.startswith("."):
         raise ValueError(f"bad stage name {stage!r}")
     unknown = sorted(set(summary or ()) - set(SUMMARY_METRICS))
     if unknown:
         raise ValueError(f"summary metrics must be among {SUMMARY_METRICS}, got {unknown}")
-    rec = load_stage(run_root, stage) or {"stage": stage, "wall_s": 0.0, "metrics": {}, "summary": {},
-                                            "timings": {}, "config": {}, "notes": [],
-                                            "hardware": hardware_info()}
-    if wall_s is not None:
-        if wall_s < 0:
-            raise ValueError(f"wall_s must be ≥ 0, got {wall_s}")
-        rec["wall_s"] = float(rec.get("wall_s", 0.0)) + float(wall_s)
-    rec["metrics"].update(_check_numbers("metrics", metrics or {}))
-    rec["summary"].update(_check_numbers("summary", summary or {}))
-    rec["timings"].update(_check_numbers("timings", timings or {}))
-    rec["config"].update(json.loads(json.dumps(dict(config or {}), default=str)))
-    for n in notes:
-        if n not in rec["notes"]:
-            rec["notes"].append(n)
+    if wall_s is not None and wall_s < 0:
+        raise ValueError(f"wall_s must be ≥ 0, got {wall_s}")
+    part = {"wall_s": float(wall_s or 0.0), "metrics": _check_numbers("metrics", metrics or {}),
+            "summary": _check_numbers("summary", summary or {}), "timings": _check_numbers("timings", timings or {}),
+            "config": json.loads(json.dumps(dict(config or {}), default=str)), "notes": list(dict.fromkeys(notes))}
+    rec = _read_record(run_root, stage) or {"stage": stage, "hardware": hardware_info(), "sources": {}}
+    rec["sources"][source] = part
     rec["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
     d = report_dir(run_root)
@@ -119,7 +138,7 @@ def record_stage(run_root: str | os.PathLike, stage: str, *, wall_s: float | Non
     path = d / f"{stage}.json"
     tmp = d / f".{stage}.json.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(rec, f, indent=1, sort_keys=True)
+        json.dump(rec, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_root:
         from train.report import record_stage
 
-        record_stage(args.report_root, "tokenizer", wall_s=time.perf_counter() - t0, metrics=metrics)
+        record_stage(args.report_root, "tokenizer", wall_s=time.perf_counter() - t0, metrics=metrics, source="eval")
 
 
 if __name__ == "__main__":
