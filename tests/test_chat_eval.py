@@ -197,3 +197,12 @@ def test_binomial_tail():
     assert binomial_tail(10, 0, 0.25) == 1.0
     assert binomial_tail(4, 4, 0.5) == pytest.approx(1 / 16)
     assert binomial_tail(3, 2, 0.25) == pytest.approx(3 * 0.25 ** 2 * 0.75 + 0.25 ** 3)
+
+
+def test_chance_rate_of_generated_arithmetic():
+    from train.chat_eval import chance_rate
+
+    assert chance_rate(load_task("synthetic-arithmetic-mc", 8)) == 0.25  # four letters
+    task = load_task("synthetic-arithmetic-1op", 64)
+    answers = [str(task[i]["answer"]) for i in range(len(task))]
+    assert chance_rate(task) == max(answers.count(a) for a in answers) / 64  # the best constant guess

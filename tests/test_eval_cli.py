@@ -93,8 +93,8 @@ def test_arithmetic_mc_is_judged_against_chance(run):
     p_value = rec["metrics"]["synthetic-arithmetic-mc p-value vs chance"]
     assert p_value == pytest.approx(binomial_tail(12, res.num_correct, 0.25))
     verdict = "better than chance" if p_value < 0.05 else "not better than chance"
-    assert any(n.startswith("generated arithmetic questions (4 choices, chance 0.25): "
-                            f"{res.num_correct}/12") and n.endswith(verdict) for n in rec["notes"])
+    assert any(n.startswith(f"generated arithmetic questions (4 choices): {res.num_correct}/12 = ")
+               and "against chance 0.250" in n and n.endswith(verdict) for n in rec["notes"])
 
 
 def test_bad_arguments_fail_with_the_names(run, capsys):

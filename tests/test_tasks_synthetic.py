@@ -171,3 +171,13 @@ def test_arithmetic_only_multiple_choice():
     assert mixed.name == "synthetic-mc" and any("letters?" in ex["messages"][0]["content"] for ex in mixed)
     with pytest.raises(ValueError, match="kinds must be"):
         MultipleChoice(5, kinds=("algebra",))
+
+
+def test_one_step_arithmetic_problems():
+    task = ArithmeticWordProblems(40, seed=5, ops=(1, 1))
+    assert task.name == "synthetic-arithmetic-1op"
+    for ex in task:
+        assert len(ex["expressions"]) == 1 and task.evaluate(ex, f"... #### {ex['answer']}")
+    assert ArithmeticWordProblems(3, seed=5)[1] == ArithmeticWordProblems(3, seed=5, ops=(2, 4))[1]  # default kept
+    with pytest.raises(ValueError, match="ops must be a range"):
+        ArithmeticWordProblems(3, ops=(0, 2))

@@ -125,13 +125,14 @@ def offline_tasks(stage: str, split: str, synthetic_examples: int = 2000) -> lis
     n = synthetic_examples
     if split == "train":
         seed = {"mid": 0, "sft": 1}[stage]  # SFT sees fresh synthetic problems, not mid's again
-        synth = [ArithmeticWordProblems(n, seed), MultipleChoice(n, seed), SpellingCount(n // 2, seed),
-                 IdentityChats(max(1, n // 4), seed)]
+        # One-step problems beside the 2-4-step ones: a curriculum a small model can start learning from.
+        synth = [ArithmeticWordProblems(n, seed), ArithmeticWordProblems(n, seed, ops=(1, 1)), MultipleChoice(n, seed),
+                 SpellingCount(n // 2, seed), IdentityChats(max(1, n // 4), seed)]
         return synth + [chitchat_conversations("train"), chatterbot_conversations("train")]
     n = max(1, n // 20)
     held_out = {"seed": 1000, "split": "validation"}
-    synth = [ArithmeticWordProblems(n, **held_out), MultipleChoice(n, **held_out), SpellingCount(n, **held_out),
-             IdentityChats(max(1, n // 4), **held_out)]
+    synth = [ArithmeticWordProblems(n, **held_out), ArithmeticWordProblems(n, ops=(1, 1), **held_out),
+             MultipleChoice(n, **held_out), SpellingCount(n, **held_out), IdentityChats(max(1, n // 4), **held_out)]
     tasks = synth + [chitchat_conversations("validation")]
     held_out_bot = chatterbot_conversations("validation")
     return tasks + ([held_out_bot] if len(held_out_bot) else [])

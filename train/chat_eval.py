@@ -40,6 +40,7 @@ Limits and deviations from nanochat:
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections import deque
@@ -56,8 +57,8 @@ from model.chat import ChatFormatError, parse_assistant_parts, render_for_comple
 # Display name → offline loader name (train.tasks.offline.load).
 OFFLINE_TASKS = {"ARC-Easy": "arc_easy", "ARC-Challenge": "arc_challenge", "MMLU": "mmlu", "GSM8K": "gsm8k",
                  "HumanEval": "humaneval"}
-SYNTHETIC_TASKS = ("synthetic-arithmetic", "synthetic-spelling", "synthetic-mc", "synthetic-arithmetic-mc",
-                   "synthetic-identity")
+SYNTHETIC_TASKS = ("synthetic-arithmetic", "synthetic-arithmetic-1op", "synthetic-spelling", "synthetic-mc",
+                   "synthetic-arithmetic-mc", "synthetic-identity")
 SYNTHETIC_SIZE = 256  # problems per synthetic task without --max-problems (nanochat's SpellingBee eval size)
 SYNTHETIC_SEED = 7_777_777  # the eval stream: a seed no training mixture uses
 # ChatCORE's tasks and their random baselines (nanochat chat_eval.py).
@@ -105,6 +106,8 @@ def load_task(name: str, max_problems: int | None = None, seed: int = 0, sandbox
         size = max_problems or SYNTHETIC_SIZE
         if name == "synthetic-arithmetic-mc":
             return ts.MultipleChoice(size, SYNTHETIC_SEED, kinds=("arithmetic",))
+        if name == "synthetic-arithmetic-1op":
+            return ts.ArithmeticWordProblems(size, SYNTHETIC_SEED, ops=(1, 1))
         cls = {"synthetic-arithmetic": ts.ArithmeticWordProblems, "synthetic-spelling": ts.SpellingCount,
                "synthetic-mc": ts.MultipleChoice, "synthetic-identity": ts.IdentityChats}[name]
         return cls(size=size, seed=SYNTHETIC_SEED)
@@ -196,6 +199,16 @@ def assistant_text(tokenizer, token_ids: Sequence[int], eos_token_ids: Sequence[
         specials = set(tokenizer.special_tokens.values())
         return tokenizer.decode([t for t in ids if t not in specials])
     return "".join(p["text"] for p in parts if p["type"] == "text")
+
+
+def chance_rate(task) -> float:
+    """The accuracy of guessing without reading the question: 1/(number of choices) for a multiple-choice task; for
+    a task with a numeric answer, the best constant guess (the most common reference answer's share)."""
+    first = task[0]
+    if "letters" in first:
+        return 1.0 / len(first["letters"])
+    answers = collections.Counter(str(task[i]["answer"]) for i in range(len(task)))
+    return answers.most_common(1)[0][1] / len(task)
 
 
 def binomial_tail(n: int, c: int, p: float) -> float:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from train.chat_eval import (CATEGORICAL_CHATCORE, DEFAULT_TASKS, KNOWN_TASKS, binomial_tail, chatcore, load_task,
-                             task_kind)
+from train.chat_eval import (CATEGORICAL_CHATCORE, DEFAULT_TASKS, KNOWN_TASKS, binomial_tail, chance_rate, chatcore,
+                             load_task, task_kind)
 from train.report import SUMMARY_METRICS, record_stage
 
 STAGES = ("base", "mid", "sft", "rl")
@@ -144,6 +144,14 @@ def shard_bpb(model, tok, shard_dir: str, split: str, num_tokens: int, batch_siz
     return evaluate_bpb(model, (next(loader) for _ in range(steps)), token_bytes)
 
 
+# Generated arithmetic tasks whose score the report compares with chance (chat_eval.chance_rate), and how it says so.
+CHANCE_CHECKED = {
+    "synthetic-arithmetic-1op": "generated one-step arithmetic questions (free answer; chance = the best constant "
+                                "guess)",
+    "synthetic-arithmetic-mc": "generated arithmetic questions (4 choices)",
+}
+
+
 def core_bundle(spec: str, run_root: Path) -> tuple[Path, bool]:
     """(bundle directory, is_offline). 'offline' builds the CPU tier's bundle under <run-root>/core_offline;
     'download' fetches DCLM's eval bundle (all 22 tasks) into the task cache (train.tasks.remote)."""
@@ -248,13 +256,15 @@ def main(argv: list[str] | None = None) -> dict:
             metrics[f"{name} prompts over the context (scored wrong)"] = res.num_too_long
         if res.synthetic:
             notes.append(f"{name} is flashchat's own synthetic task, not a benchmark")
-    if "synthetic-arithmetic-mc" in results:  # the cpu tier's question: better than chance at arithmetic?
-        res = results["synthetic-arithmetic-mc"]
-        p_value = binomial_tail(res.num_problems, res.num_correct, 0.25)
-        verdict = "better than chance" if p_value < 0.05 else "not better than chance"
-        metrics["synthetic-arithmetic-mc p-value vs chance"] = p_value
-        notes.append(f"generated arithmetic questions (4 choices, chance 0.25): {res.num_correct}/{res.num_problems}"
-                     f" = {res.accuracy:.3f}, one-sided binomial p = {p_value:.2g}: {verdict}")
+    for name in CHANCE_CHECKED:  # the cpu tier's question: does it answer generated arithmetic better than chance?
+        if name in results:
+            task = load_task(name, args.problems_by_task.get(name, args.max_problems), args.seed)  # as it ran
+            res, chance = results[name], chance_rate(task)
+            p_value = binomial_tail(res.num_problems, res.num_correct, chance)
+            verdict = "better than chance" if p_value < 0.05 else "not better than chance"
+            metrics[f"{name} p-value vs chance"] = p_value
+            notes.append(f"{CHANCE_CHECKED[name]}: {res.num_correct}/{res.num_problems} = {res.accuracy:.3f} against "
+                         f"chance {chance:.3f}, one-sided binomial p = {p_value:.2g}: {verdict}")
     if results and args.max_problems:
         notes.append(f"chat evals on at most {args.max_problems} problems per task (seeded subset, seed "
                      f"{args.seed}), not the full test sets")

@@ -139,13 +139,23 @@ def _py(expr: str, value: int) -> list[dict]:
 
 
 class ArithmeticWordProblems(SyntheticTask):
-    """GSM8K-shaped problems: a story of 2-4 operations on one running quantity; every result is an exact integer."""
+    """GSM8K-shaped problems: a story of 2-4 operations (`ops`, inclusive range) on one running quantity; every
+    result is an exact integer. ops=(1, 1) is the one-step variant ("synthetic-arithmetic-1op"): small models learn
+    it first, and the CPU tier's better-than-chance check asks it."""
 
     name = "synthetic-arithmetic"
 
+    def __init__(self, size: int, seed: int = 0, split: str = "train", ops: tuple[int, int] = (2, 4)):
+        super().__init__(size, seed, split)
+        if not 1 <= ops[0] <= ops[1]:
+            raise ValueError(f"{self.name}: ops must be a range (lo, hi) with 1 <= lo <= hi, got {ops!r}")
+        self.ops = tuple(ops)
+        if self.ops == (1, 1):
+            self.name = "synthetic-arithmetic-1op"
+
     def generate(self, rng: random.Random, i: int) -> dict:
         who, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-        num_ops = rng.randint(2, 4)
+        num_ops = rng.randint(*self.ops)
         story, steps, exprs = [], [], []
         if rng.random() < 0.5:  # the first operation is a product: boxes x items per box
             boxes, per_box = rng.randint(2, 9), rng.randint(2, 12)
