@@ -64,8 +64,8 @@ SYNTHETIC_SEED = 7_777_777  # the eval stream: a seed no training mixture uses
 # ChatCORE's tasks and their random baselines (nanochat chat_eval.py).
 CHATCORE_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
 CATEGORICAL_CHATCORE = ("ARC-Easy", "ARC-Challenge", "MMLU")  # nanochat's ChatCORE_cat, logged during SFT
-DEFAULT_TASKS = tuple(CHATCORE_BASELINES) + ("synthetic-arithmetic", "synthetic-spelling", "synthetic-mc",
-                                             "synthetic-arithmetic-mc")
+DEFAULT_TASKS = tuple(CHATCORE_BASELINES) + ("synthetic-arithmetic", "synthetic-arithmetic-1op", "synthetic-spelling",
+                                             "synthetic-mc", "synthetic-arithmetic-mc")
 KNOWN_TASKS = tuple(OFFLINE_TASKS) + SYNTHETIC_TASKS
 
 
