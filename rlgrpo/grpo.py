@@ -64,7 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--from", dest="from_", required=True, help="model directory to start from (the SFT model)")
     p.add_argument("--tokenizer", required=True, help="bpe_rs tokenizer directory")
     p.add_argument("--run-root", required=True, help="the run's directory: rl/ and report/ are written in it")
-    p.add_argument("--task", choices=("synthetic", "gsm8k"), default="gsm8k")
+    p.add_argument("--task", choices=("synthetic", "synthetic-1op", "gsm8k"), default="gsm8k",
+                   help="gsm8k (GPU tiers); synthetic: generated 2-4-step word problems; synthetic-1op: one-step "
+                        "ones (the CPU tier: its tiny model solves some, so rewards carry a signal)")
     g = p.add_argument_group("rollouts (nanochat §7.4 defaults)")
     g.add_argument("--num-steps", type=int, default=None, help="optimizer steps; default one epoch of the train set")
     g.add_argument("--examples-per-step", type=int, default=16, help="questions per step over all ranks")
@@ -117,12 +119,13 @@ def load_tasks(args):
 
     if args.train_seed == args.eval_seed:
         raise ValueError(f"--train-seed and --eval-seed are both {args.train_seed}: the eval would be the train set")
-    evals = [("synthetic", ArithmeticWordProblems(args.eval_examples, seed=args.eval_seed), False)]
+    ops = (1, 1) if args.task == "synthetic-1op" else (2, 4)
+    evals = [("synthetic", ArithmeticWordProblems(args.eval_examples, seed=args.eval_seed, ops=ops), False)]
     if args.eval_gsm8k:
         from train.tasks.offline import load as load_offline
 
         evals.append(("gsm8k", load_offline("gsm8k").subset(args.eval_gsm8k, seed=0), False))  # a few: not the metric
-    return ArithmeticWordProblems(args.train_size, seed=args.train_seed), evals
+    return ArithmeticWordProblems(args.train_size, seed=args.train_seed, ops=ops), evals
 
 
 def step_questions(num_train: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -383,7 +386,8 @@ def main(argv=None, *, tasks=None, log=None) -> dict:
             notes.append(f"GSM8K: pass@1 over {len(task)} test questions, {args.eval_samples} samples each "
                          f"(temperature {args.temperature})")
         elif name == "synthetic":
-            notes.append("rl trained and evaluated on synthetic arithmetic word problems, not GSM8K")
+            kind = "one-step arithmetic" if args.task == "synthetic-1op" else "arithmetic"
+            notes.append(f"rl trained and evaluated on flashchat's synthetic {kind} word problems, not GSM8K")
     if is_master:
         record_stage(args.run_root, "rl", wall_s=wall, metrics=metrics, summary=summary, notes=notes,
                      config={k: v for k, v in vars(args).items()})
