@@ -370,3 +370,42 @@ def test_oversize_head_and_body_and_garbage(served):
     assert http_get(served, "/nope")[0] == 404
     assert http_get(served, "/v1/chat/completions")[0] == 405
     assert http_get(served, "/health")[0] == 200  # still serving
+
+
+def test_pings_keep_an_idle_socket_alive_and_a_silent_peer_is_dropped(tok, model):  # noqa: F811
+    cfg = small_config(ping_interval_s=0.2, ping_timeout_s=0.3)
+    st = ServerThread(Server(cfg, lambda: (model, tok), log=quiet))
+    with st as server:
+        st.wait_ready()
+        # A real client answers the pings itself: after 10 ping intervals of silence it still chats.
+        with connect(ws_url(server)) as ws:
+            assert recv_json(ws)["type"] == "ready"
+            time.sleep(2.0)
+            frames = run_generation(ws, "late", [{"role": "user", "content": "still there?"}], {"max_tokens": 4})
+            assert frames[-1]["type"] == "done"
+        # A peer that never answers (a raw socket that completed the handshake) is closed with 1011.
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        s.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        data = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        assert data.startswith(b"HTTP/1.1 101")
+        body = data.split(b"\r\n\r\n", 1)[1]
+        opcodes, close_code = [], None
+        while len(body) >= 2:  # server frames are unmasked; every frame here is short (< 126 bytes)
+            opcode, n = body[0] & 0x0F, body[1] & 0x7F
+            if n >= 126:  # the ready frame can be longer: 16-bit length
+                n, head = int.from_bytes(body[2:4], "big"), 4
+            else:
+                head = 2
+            payload, body = body[head:head + n], body[head + n:]
+            opcodes.append(opcode)
+            if opcode == 0x8:
+                close_code = int.from_bytes(payload[:2], "big")
+        assert 0x9 in opcodes and close_code == 1011, (opcodes, close_code)  # pinged, then dropped
