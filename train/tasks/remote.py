@@ -48,6 +48,7 @@ import argparse
 import os
 import shutil
 import sys
+import time
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
