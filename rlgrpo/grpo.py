@@ -84,7 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--embedding-lr", type=float, default=0.2)
     g.add_argument("--unembedding-lr", type=float, default=0.004)
     g.add_argument("--matrix-lr", type=float, default=0.02)
-    g.add_argument("--scalar-lr", type=float, default=0.5)
+    g.add_argument("--scalar-lr", type=float, default=0.5,
+                   help="AdamW LR of the per-layer λ scalars (× --init-lr-frac); 0 freezes them. Adam moves a scalar by "
+                        "~LR per step whatever its gradient: on small models that alone can undo SFT")
     g.add_argument("--init-lr-frac", type=float, default=0.05, help="every LR × this; then linear to 0")
     g = p.add_argument_group("data, eval, checkpoints")
     g.add_argument("--train-seed", type=int, default=0, help="synthetic train split seed")

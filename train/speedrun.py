@@ -100,11 +100,13 @@ TIERS: dict[str, Tier] = {
                      "--synthetic-examples", "20000"],
                 sft=["--mixture", "offline", "--num-iterations", "120", "--eval-every", "60", "--eval-tokens", "65536",
                      "--synthetic-examples", "20000"],
-                # GRPO on one-step problems at temperature 0.7 and 1% of nanochat's LRs: the tiny SFT model solves a
-                # few, so groups carry a signal (at temperature 1 it solves none; at full LR it collapses).
+                # GRPO on one-step problems at temperature 0.7 and 1% of nanochat's LRs, λ scalars frozen: the tiny
+                # SFT model solves a few, so groups carry a signal (at temperature 1 it solves none; at full LR it
+                # collapses; with the scalars trained, Adam's ~LR-sized steps on them alone took one-step arithmetic
+                # from 13/128 to 0/128, and restoring them gave 15/128).
                 rl=["--task", "synthetic-1op", "--num-steps", "8", "--examples-per-step", "8", "--num-samples", "8",
                     "--max-new-tokens", "128", "--eval-every", "4", "--eval-examples", "32", "--eval-samples", "4",
-                    "--temperature", "0.7", "--init-lr-frac", "0.01"],
+                    "--temperature", "0.7", "--init-lr-frac", "0.01", "--scalar-lr", "0"],
                 base_eval=["--core-bundle", "offline", "--max-per-task", "32", "--bpb-tokens", "16384"],
                 # 32 problems per benchmark task (the generative ones cost seconds each on CPU); 256 generated
                 # arithmetic questions (categorical, cheap) for the report's better-than-chance statement.
