@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -52,8 +51,8 @@ from model.gpt import GPT
 from model.io import load_model, resolve_model_dir
 from rlgrpo.rewards import group_advantages, pass_at_k
 from rlgrpo.rollout import Sample, rollout
-from train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
-from train.fsdp import FSDP, init_distributed
+from train.loop import init_run, resume_checkpoint, save_run_checkpoint
+from train.fsdp import FSDP
 from train.optim import MuonAdamW
 from train.report import record_stage
 
@@ -238,14 +237,8 @@ def main(argv=None, *, tasks=None, log=None) -> dict:
     args = parse_args(argv)
     import bpe_rs
 
-    if dist.is_available() and dist.is_initialized():  # a test harness (train.fsdp.spawn) made the group
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-            else torch.device("cpu")
-    else:
-        rank, world, device = init_distributed()
+    rank, world, device = init_run()
     is_master = rank == 0
-    barrier = dist.barrier if world > 1 else (lambda: None)
     log = log or ((lambda msg: print(msg, flush=True)) if is_master else (lambda msg: None))
     t_start = time.perf_counter()
 
@@ -290,20 +283,11 @@ def main(argv=None, *, tasks=None, log=None) -> dict:
 
     step = 0
     if args.resume:
-        path = latest_checkpoint(run_dir / "checkpoints")
-        if path is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
-        ck = load_checkpoint(path, rank=rank, world_size=world, expected_config=cfg)
-        diffs = [f"{k}: checkpoint {ck.meta['run'].get(k)!r}, this run {v!r}" for k, v in run_key.items()
-                 if ck.meta["run"].get(k) != v]
-        if diffs:
-            raise ValueError(f"{path} comes from another run configuration: {'; '.join(diffs)}")
-        fsdp.load_full_state_dict(ck.model_state)
-        opt.load_state_dict(ck.optimizer_state)
-        restore_rng_state(ck.rng)
+        ck = resume_checkpoint(run_dir / "checkpoints", rank=rank, world=world, cfg=cfg, run_key=run_key, fsdp=fsdp,
+                               opt=opt)
         engine.load_weights(ck.model_state)
         step = ck.step
-        log(f"resumed from {path} at step {step}")
+        log(f"resumed from {ck.path} at step {step}")
     version = engine.version  # the weights the next rollouts come from
     if is_master:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -334,9 +318,9 @@ def main(argv=None, *, tasks=None, log=None) -> dict:
             if is_last or (args.eval_every > 0 and step % args.eval_every == 0):
                 last_eval = run_evals(step)
             if is_last or (args.save_every > 0 and step % args.save_every == 0 and step != start_step):
-                path = save_checkpoint(run_dir / "checkpoints", step, model_state=fsdp.full_state_dict(), config=cfg, optimizer_state=opt.state_dict(), rank=rank,
-                                       world_size=world, meta={"run": run_key}, keep_last=args.keep_last,
-                                       barrier=barrier)
+                path = save_run_checkpoint(run_dir / "checkpoints", step, fsdp=fsdp, opt=opt, cfg=cfg, loader=None,
+                                           rank=rank, world=world, keep_last=args.keep_last,
+                                           meta={"run": run_key, "sharding": fsdp.sharding_meta()})
                 log(f"step {step:05d} | saved {path}")
             if is_last:
                 break

@@ -133,9 +133,10 @@ class RunLog:
 
 
 def resume_checkpoint(ckpt_root: Path, *, rank: int, world: int, cfg, run_key: dict, fsdp: FSDP, opt,
-                      loader) -> Checkpoint:
+                      loader=None) -> Checkpoint:
     """Load the latest complete checkpoint under ckpt_root into fsdp/opt/loader and the RNGs, after checking that
-    it belongs to this run configuration (run_key), model config and sharding; errors name what differs."""
+    it belongs to this run configuration (run_key), model config and sharding; errors name what differs.
+    loader None: a loop without a data cursor (GRPO draws its questions from the step)."""
     path = latest_checkpoint(ckpt_root)
     if path is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_root}")
@@ -148,19 +149,23 @@ def resume_checkpoint(ckpt_root: Path, *, rank: int, world: int, cfg, run_key: d
         raise ValueError(f"{path}: FSDP sharding differs from this job's (another world size or model)")
     fsdp.load_full_state_dict(ck.model_state)
     opt.load_state_dict(ck.optimizer_state)
-    loader.load_state_dict(ck.rank_meta["loader"])
+    if loader is not None:
+        loader.load_state_dict(ck.rank_meta["loader"])
     restore_rng_state(ck.rng)
     return ck
 
 
 def save_run_checkpoint(ckpt_root: Path, step: int, *, fsdp: FSDP, opt, cfg, loader, rank: int, world: int,
                         meta: dict, keep_last: int) -> Path:
-    """Every rank calls this: rank 0 writes the gathered model, each rank its optimizer shard and loader cursor."""
+    """Every rank calls this: rank 0 writes the gathered model, each rank its optimizer shard and loader cursor
+    (loader None: none). meta must hold "run" (the run key) and "sharding", which resume_checkpoint checks."""
     full = fsdp.full_state_dict()  # every rank takes part; rank 0 gets the tensors
     barrier = dist.barrier if world > 1 else (lambda: None)
     return save_checkpoint(ckpt_root, step, model_state=full if rank == 0 else None, config=cfg,
-                           optimizer_state=opt.state_dict(), rank=rank, world_size=world, meta=meta,
-                           rank_meta={"loader": loader.state_dict()}, keep_last=keep_last, barrier=barrier)
+                           optimizer_state=opt.state_dict(), rank=rank, world_size=world,
+                           meta=meta,
+                           rank_meta={} if loader is None else {"loader": loader.state_dict()}, keep_last=keep_last,
+                           barrier=barrier)
 
 
 Schedule = Callable[[int], tuple[float, float, float]]  # step -> (LR multiplier, Muon momentum, Muon weight decay)
