@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -271,19 +272,21 @@ class Engine:
         return RequestOutput(request_id, [], text, True, reason, None, self.version)
 
     # ---- offline batch generation ------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 on_finish: Callable[[int, Completion], None] | None = None) -> list[Completion]:
         """Generate for every prompt (continuous batching underneath); results in the prompts' order.
 
         Any number of prompts: they are admitted as the waiting queue has room (max_waiting), so a batch larger
         than the queue never meets QueueFullError. A prompt that cannot be served (too long, bad ids) raises
-        ValueError before anything runs for it, and the requests this call already queued are aborted."""
+        ValueError before anything runs for it, and the requests this call already queued are aborted.
+        on_finish(k, completion) is called as soon as prompt k's request finishes (chat evals grade meanwhile)."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
         ids: list[str] = []
+        index: dict[str, int] = {}  # request id -> prompt index, for the requests still running
         state: dict[str, dict] = {}
-        seqs = {}
+        results: list[Completion | None] = [None] * len(prompts)
 
         def admit() -> None:
             while len(ids) < len(prompts) and self.scheduler.num_waiting < self.scheduler.max_waiting:
@@ -295,12 +298,19 @@ class Engine:
                         self.abort(queued)
                     raise
                 ids.append(rid)
-                state[rid] = {"tokens": [], "text": [], "reason": None, "lp": [] if plist[k].logprobs else None,
-                              "mask": [], "tools": []}
-                seqs[rid] = self._requests[rid].seq
+                index[rid] = k
+                state[rid] = {"tokens": [], "text": [], "lp": [] if plist[k].logprobs else None, "mask": [],
+                              "tools": [], "seq": self._requests[rid].seq}
+
+        def complete(rid: str, reason: str) -> None:
+            k, s = index.pop(rid), state.pop(rid)
+            results[k] = Completion(rid, list(prompts[k]), s["tokens"], "".join(s["text"]), reason, s["lp"],
+                                    s["seq"].num_prefix_hit_tokens, s["mask"], s["tools"])
+            if on_finish is not None:
+                on_finish(k, results[k])
 
         admit()
-        while len(ids) < len(prompts) or any(s["reason"] is None for s in state.values()):
+        while len(ids) < len(prompts) or index:
             outs = self.step()
             for out in outs:
                 s = state.get(out.request_id)
@@ -314,11 +324,9 @@ class Engine:
                 if s["lp"] is not None and out.logprobs:
                     s["lp"].extend(out.logprobs)
                 if out.finished:
-                    s["reason"] = out.finish_reason
+                    complete(out.request_id, out.finish_reason)
             admit()
             if not outs and not self.scheduler.has_unfinished and len(ids) == len(prompts):
-                break
-        return [Completion(rid, list(prompts[k]), state[rid]["tokens"], "".join(state[rid]["text"]),
-                           state[rid]["reason"] or FINISH_ABORT, state[rid]["lp"], seqs[rid].num_prefix_hit_tokens,
-                           state[rid]["mask"], state[rid]["tools"])
-                for k, rid in enumerate(ids)]
+                for rid in list(index):  # the engine stopped without finishing them
+                    complete(rid, FINISH_ABORT)
+        return results

@@ -133,8 +133,11 @@ def test_generate_takes_more_prompts_than_the_waiting_queue(tok, model):
     params = SamplingParams(temperature=0, max_tokens=6)
     wide = Engine(model, tok, block_size=8, num_blocks=64, log=lambda _: None).generate(ps, params)
     narrow = Engine(model, tok, block_size=8, num_blocks=64, max_num_seqs=2, max_waiting=3, log=lambda _: None)
-    out = narrow.generate(ps, params)  # 12 prompts through a queue of 3: admitted as room frees up
+    finished = []
+    out = narrow.generate(ps, params, on_finish=lambda k, c: finished.append((k, c)))  # 12 through a queue of 3
     assert [c.token_ids for c in out] == [c.token_ids for c in wide]
+    assert sorted(k for k, _ in finished) == list(range(len(ps)))  # each prompt reported once, as it finished
+    assert all(c is out[k] for k, c in finished)
     bad = ps[:5] + [[1] * 200] + ps[5:]
     with pytest.raises(ValueError, match="maximum context length"):
         narrow.generate(bad, params)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import collections
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,7 +50,6 @@ from dataclasses import dataclass, field
 import torch
 
 from infer.sampling import SamplingParams
-from infer.scheduler import QueueFullError
 from model.chat import ChatFormatError, parse_assistant_parts, render_for_completion
 
 # Display name → offline loader name (train.tasks.offline.load).
@@ -232,26 +230,7 @@ def run_requests(engine, prompts: Sequence[list[int]], params: Sequence[Sampling
     called with each request's generated ids (forced tool outputs included) as soon as it finishes."""
     if engine.has_unfinished():
         raise RuntimeError("the engine already has unfinished requests; chat evals need it to themselves")
-    todo = deque(range(len(prompts)))
-    live: dict[str, tuple[int, list[int]]] = {}
-    while todo or live:
-        while todo:
-            try:
-                rid = engine.add_request(prompts[todo[0]], params[todo[0]])
-            except QueueFullError:
-                if not live:
-                    raise
-                break
-            live[rid] = (todo.popleft(), [])
-        outputs = engine.step()
-        for out in outputs:
-            k, ids = live[out.request_id]
-            ids.extend(out.token_ids)
-            if out.finished:
-                del live[out.request_id]
-                on_finish(k, ids)
-        if not outputs and live and not engine.has_unfinished():
-            raise RuntimeError(f"engine stopped with {len(live)} requests unfinished")
+    engine.generate(list(prompts), list(params), on_finish=lambda k, completion: on_finish(k, completion.token_ids))
 
 
 def evaluate_generative(engine, task, *, num_samples: int = 1, temperature: float = 0.0, top_k: int = 50,
