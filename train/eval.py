@@ -169,9 +169,9 @@ def core_bundle(spec: str, run_root: Path) -> tuple[Path, bool]:
     return path, False
 
 
-def run_chat_tasks(model, tok, args, log) -> dict:
-    """Every task of args.task_list; returns {name: TaskResult}. One Engine (with the tool sandbox) serves all
-    generative tasks."""
+def run_chat_tasks(model, tok, args, log) -> tuple[dict, dict]:
+    """Every task of args.task_list; returns ({name: TaskResult}, {name: task as it ran}). One Engine (with the
+    tool sandbox) serves all generative tasks."""
     from infer.engine import Engine
     from infer.sandbox import ToolExecutor
     from train.chat_eval import evaluate_categorical, evaluate_generative
@@ -191,7 +191,7 @@ def run_chat_tasks(model, tok, args, log) -> dict:
             results[name] = evaluate_generative(engine, task, num_samples=args.num_samples,
                                                 temperature=args.temperature, top_k=args.top_k,
                                                 max_tokens=args.max_tokens, seed=args.seed, name=name, log=log)
-    return results
+    return results, tasks
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.stage == "base":
         notes.append("CORE not measured: no --core-bundle given")
 
-    results = run_chat_tasks(model, tok, args, log) if args.task_list else {}
+    results, tasks = run_chat_tasks(model, tok, args, log) if args.task_list else ({}, {})
     for name, res in results.items():
         key = name if name in SUMMARY_METRICS else f"{name} accuracy"  # synthetic names start with "synthetic-"
         (summary if name in SUMMARY_METRICS else metrics)[key] = res.accuracy
@@ -258,8 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
             notes.append(f"{name} is flashchat's own synthetic task, not a benchmark")
     for name in CHANCE_CHECKED:  # the cpu tier's question: does it answer generated arithmetic better than chance?
         if name in results:
-            task = load_task(name, args.problems_by_task.get(name, args.max_problems), args.seed)  # as it ran
-            res, chance = results[name], chance_rate(task)
+            res, chance = results[name], chance_rate(tasks[name])
             p_value = binomial_tail(res.num_problems, res.num_correct, chance)
             verdict = "better than chance" if p_value < 0.05 else "not better than chance"
             metrics[f"{name} p-value vs chance"] = p_value
