@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -127,11 +128,26 @@ def load_model(directory: str | os.PathLike, device: torch.device | str = "cpu",
 # written last); stages later in this tuple are further trained.
 STAGES = ("base", "mid", "sft", "rl")
 COMPLETE_MARKER = "COMPLETE"
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def complete_steps(checkpoints: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete step directory under `checkpoints` (COMPLETE marker present; dot
+    directories, saves in progress or killed, never match), by step number."""
+    root = Path(checkpoints)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / COMPLETE_MARKER).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
 
 
 def _newest_step(checkpoints: Path) -> Path | None:
-    steps = sorted(p.parent for p in checkpoints.glob(f"step_*/{COMPLETE_MARKER}"))
-    return steps[-1] if steps else None
+    steps = complete_steps(checkpoints)
+    return steps[-1][1] if steps else None
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:

@@ -131,6 +131,9 @@ def test_resolve_model_dir(tmp_path, saved):
     assert resolve_model_dir(run / "sft") == newest
     with pytest.raises(CheckpointError, match="neither a model directory"):
         resolve_model_dir(run / "mid")
+    million = _fake_step(run, "rl", 1_000_000)
+    _fake_step(run, "rl", 999_999)
+    assert resolve_model_dir(run / "rl") == million  # by step number, not by name
 
 
 def test_latest_trained_model_prefers_the_newest_run_and_its_most_trained_stage(tmp_path):

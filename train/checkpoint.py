@@ -54,7 +54,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,13 +67,13 @@ from safetensors.torch import save_file
 from model.config import ModelConfig
 from model.fsutil import fsync_path
 from model.gpt import GPT
-from model.io import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_config, write_model_files
+from model.io import (COMPLETE_MARKER, CONFIG_FILE, WEIGHTS_FILE, CheckpointError, complete_steps, load_config,
+                      write_model_files)
 
 FORMAT = "flashchat-checkpoint/1"
 OPTIM_FORMAT = "flashchat-optim/1"
 META_FILE = "meta.json"
-MARKER_FILE = "COMPLETE"
-STEP_DIR = re.compile(r"^step_(\d{6,})$")
+MARKER_FILE = COMPLETE_MARKER  # model.io owns the layout rule: inference finds checkpoints by it too
 
 __all__ = ["Checkpoint", "CheckpointError", "capture_rng_state", "latest_checkpoint", "load_checkpoint",
            "restore_rng_state", "save_checkpoint", "step_dir_name"]
@@ -341,20 +340,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, model_state: dict[str
     return final
 
 
-def _complete_steps(root: Path) -> list[tuple[int, Path]]:
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        m = STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / MARKER_FILE).is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
 def _prune(root: Path, keep_last: int, step: int) -> None:
     # Only lower steps are "older"; higher ones (an abandoned run's, after resuming from an earlier step) stay.
-    older = [p for s, p in _complete_steps(root) if s < step]
+    older = [p for s, p in complete_steps(root) if s < step]
     for p in older[: max(0, len(older) - (keep_last - 1))]:
         # Rename first: an rmtree killed halfway would leave a step directory with its marker but missing files.
         doomed = root / f".del_{p.name}_{os.getpid()}"
@@ -368,7 +356,7 @@ def _prune(root: Path, keep_last: int, step: int) -> None:
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     """The complete step directory with the highest step under `root`, or None. Directories without the
     COMPLETE marker (and all dot directories: saves in progress or killed) are ignored."""
-    steps = _complete_steps(Path(root))
+    steps = complete_steps(Path(root))
     return steps[-1][1] if steps else None
 
 
