@@ -40,7 +40,8 @@ one cached int32 load per token. Plain pointer arithmetic and masks (no block po
 on triton 3.6-3.9), one config per shape (no autotune). Under the Triton interpreter (CPU tests) tiles are cast
 to fp32 before tl.dot (it computes bf16 dots wrongly); on the GPU bf16/fp16 tiles go to the tensor cores as they
 are, and fp32 caches use IEEE fp32 dots (not TF32) to match the twins. The twins gather each sequence's blocks
-into a dense (T, Hkv, D) tensor and run explicit fp32 softmax attention (a host loop over sequences).
+into a dense (B, T, Hkv, D) tensor and run explicit fp32 softmax attention, all decodes at once (the CPU engine
+runs them); the prefill twin loops over sequences with more than one new token.
 """
 
 from __future__ import annotations
@@ -67,17 +68,23 @@ MIN_SPLIT_TOKENS = 256  # a split shorter than this spends more on its partial w
 # ----------------------------------------------------------------------------------------------------- twins
 
 
-def _gather_ref(cache: torch.Tensor, block_table: torch.Tensor, T: int) -> torch.Tensor:
-    """The first T tokens of one sequence as a dense (T, Hkv, D) tensor."""
-    block_size = cache.shape[1]
+def _gather_ref(cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, T: int) -> torch.Tensor:
+    """The first T token rows of every sequence as one dense (B, T, Hkv, D) tensor (rows past a sequence's own
+    length are junk, for the caller to mask). Block-table entries past a sequence's last block are never read: they
+    are replaced by block 0 before the gather, whatever they hold. (index_select: a few times faster on CPU than
+    indexing with a 2-D table.)"""
+    B, block_size = block_tables.shape[0], cache.shape[1]
     num_blocks = -(-T // block_size)
-    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:T]
+    table = block_tables[:, :num_blocks].long()
+    used = torch.arange(num_blocks, device=table.device)[None, :] * block_size < seq_lens[:, None]
+    rows = cache.index_select(0, table.where(used, 0).flatten())
+    return rows.view(B, num_blocks * block_size, *cache.shape[2:])[:, :T]
 
 
 def _attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float,
                 window: int | None) -> torch.Tensor:
-    """Explicit fp32 softmax attention. q (M, H, D) at positions q_pos (M,); k, v (T, Hkv, D). Returns (M, H, D)
-    fp32; a query with no visible key (only T = 0) gives zeros."""
+    """Explicit fp32 softmax attention of one sequence. q (M, H, D) at positions q_pos (M,); k, v (T, Hkv, D).
+    Returns (M, H, D) fp32; a query with no visible key (only T = 0) gives zeros."""
     G = q.shape[1] // k.shape[1]
     k = k.float().repeat_interleave(G, dim=1)
     v = v.float().repeat_interleave(G, dim=1)
@@ -92,27 +99,48 @@ def _attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
 
 def paged_attention_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scale=None, window=None,
                                num_splits=None) -> torch.Tensor:
-    """The twin of `paged_attention_decode` (num_splits is accepted and ignored: there is nothing to split)."""
+    """The twin of `paged_attention_decode` (num_splits is accepted and ignored: there is nothing to split). Every
+    sequence at once, padded to the longest, with no loop over sequences: on CPU the engine's decode step runs
+    this, and a host loop cost it ~85% of a 64-sequence step. One query per sequence, so the products are
+    broadcast multiply-sums, (B, T, Hkv, G, D) at most (faster here than batched 1-row matmuls)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out = torch.empty_like(q)
-    for b, T in enumerate(seq_lens.tolist()):
-        k = _gather_ref(k_cache, block_tables[b], T)
-        v = _gather_ref(v_cache, block_tables[b], T)
-        pos = torch.tensor([T - 1], device=q.device)
-        out[b] = _attend_ref(q[b : b + 1], k, v, pos, scale, window)[0].to(q.dtype)
-    return out
+    B, H, D = q.shape
+    Hkv = k_cache.shape[2]
+    lens = seq_lens.long()
+    T = int(lens.max()) if B else 0
+    if T == 0:
+        return torch.zeros_like(q)
+    k = _gather_ref(k_cache, block_tables, lens, T).float()[:, :, :, None]  # (B, T, Hkv, 1, D)
+    v = _gather_ref(v_cache, block_tables, lens, T).float()[:, :, :, None]
+    s = (k * q.float().view(B, 1, Hkv, H // Hkv, D)).sum(-1) * scale  # (B, T, Hkv, G)
+    t = torch.arange(T, device=q.device)[None, :]
+    visible = t < lens[:, None]  # the query is the last token of its sequence
+    if window is not None:
+        visible &= t >= lens[:, None] - 1 - window
+    p = torch.softmax(s.masked_fill(~visible[:, :, None, None], float("-inf")), dim=1).nan_to_num(0.0)
+    return (p[..., None] * v).sum(1).reshape(B, H, D).to(q.dtype)
 
 
 def paged_attention_prefill_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=None,
                                 window=None) -> torch.Tensor:
-    """The twin of `paged_attention_prefill`."""
+    """The twin of `paged_attention_prefill`. Sequences with one new token (the decodes of a mixed step) go through
+    the decode twin together; each longer one is attended on its own (padding them together could cost
+    B x max_new x max_len scores)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
+    single = [b for b in range(len(cu) - 1) if cu[b + 1] - cu[b] == 1]
+    if single:
+        idx = torch.tensor(single, device=q.device)
+        rows = cu_seqlens_q[idx].long()
+        out[rows] = paged_attention_decode_ref(q[rows], k_cache, v_cache, block_tables[idx], seq_lens[idx], scale,
+                                               window)
     for b, T in enumerate(seq_lens.tolist()):
         lo, hi = cu[b], cu[b + 1]
-        k = _gather_ref(k_cache, block_tables[b], T)
-        v = _gather_ref(v_cache, block_tables[b], T)
+        if hi - lo <= 1:  # done above (one new token) or nothing to do
+            continue
+        k = _gather_ref(k_cache, block_tables[b : b + 1], seq_lens[b : b + 1].long(), T)[0]
+        v = _gather_ref(v_cache, block_tables[b : b + 1], seq_lens[b : b + 1].long(), T)[0]
         pos = torch.arange(T - (hi - lo), T, device=q.device)
         out[lo:hi] = _attend_ref(q[lo:hi], k, v, pos, scale, window).to(q.dtype)
     return out

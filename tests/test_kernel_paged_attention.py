@@ -249,6 +249,45 @@ def test_store_then_attend_equals_dense_causal(G, window):
             done += n
 
 
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("G", [1, 3])
+def test_twins_equal_dense_per_sequence(G, window):
+    """The twins batch their work (every decode at once, padded to the longest sequence; a mixed prefill sends its
+    one-token sequences through the decode twin): each sequence's rows still equal dense SDPA over that sequence
+    alone, whatever the padding, the unused table entries (INVALID_BLOCK) and an empty sequence hold."""
+    torch.manual_seed(3)
+    Hkv, D, block_size = 2, 8, 4
+    H = G * Hkv
+    news, prefixes = [1, 6, 1, 3, 1], [12, 0, 0, 9, 30]  # a mixed step: decodes beside prefill chunks
+    lens = [p + n for p, n in zip(prefixes, news, strict=True)]
+    k_cache, v_cache, table, seq_lens = make_cache(lens, block_size, Hkv, D, torch.float32)
+    q, cu, _ = pack(prefixes, news, H, D, torch.float32)
+
+    def dense(b, rows):  # SDPA over sequence b's keys, for its queries `rows` at its last len(rows) positions
+        T = lens[b]
+        pos = torch.arange(T, device=DEVICE)
+        k = k_cache[table[b, pos // block_size].long(), pos % block_size].repeat_interleave(G, 1)
+        v = v_cache[table[b, pos // block_size].long(), pos % block_size].repeat_interleave(G, 1)
+        qpos = pos[T - len(rows):]
+        mask = pos[None, :] <= qpos[:, None]
+        if window is not None:
+            mask &= pos[None, :] >= qpos[:, None] - window
+        return F.scaled_dot_product_attention(rows.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                              attn_mask=mask).transpose(0, 1)
+
+    out = PA.paged_attention_prefill_ref(q, k_cache, v_cache, table, cu, seq_lens, window=window)
+    for b in range(len(lens)):
+        assert_close(out[cu[b]:cu[b + 1]], dense(b, q[cu[b]:cu[b + 1]]))
+    # decode: one query per sequence, plus an empty (padded) row that must give zeros
+    qd = torch.randn(len(lens) + 1, H, D, device=DEVICE)
+    table_d = torch.cat([table, torch.full_like(table[:1], INVALID_BLOCK)])
+    lens_d = torch.cat([seq_lens, seq_lens.new_zeros(1)])
+    out = PA.paged_attention_decode_ref(qd, k_cache, v_cache, table_d, lens_d, window=window)
+    for b in range(len(lens)):
+        assert_close(out[b:b + 1], dense(b, qd[b:b + 1]))
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+
+
 # --------------------------------------------------------------------------------------------- errors, dispatch
 
 
