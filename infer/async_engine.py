@@ -25,6 +25,11 @@ from infer.engine import Engine, RequestOutput
 from infer.sampling import SamplingParams
 
 
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -82,14 +87,14 @@ class AsyncEngine:
                 with self._lock:
                     busy = self.engine.has_unfinished()
                     outputs = self.engine.step() if busy else []
-                    targets = [(self._queues.get(o.request_id), o) for o in outputs]
+                    batches: dict[asyncio.AbstractEventLoop, list] = {}
                     for o in outputs:
-                        if o.finished:
-                            self._queues.pop(o.request_id, None)
-                for target, out in targets:
-                    if target is not None:
-                        loop, queue = target
-                        loop.call_soon_threadsafe(queue.put_nowait, out)
+                        target = self._queues.pop(o.request_id, None) if o.finished else \
+                            self._queues.get(o.request_id)
+                        if target is not None:
+                            batches.setdefault(target[0], []).append((target[1], o))
+                for loop, items in batches.items():  # one wake-up per loop and step, not one per request
+                    loop.call_soon_threadsafe(_deliver, items)
                 if not busy:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
