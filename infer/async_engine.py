@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from infer.engine import Engine, RequestOutput
 from infer.sampling import SamplingParams
+
+T = TypeVar("T")
 
 
 def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
@@ -80,6 +83,13 @@ class AsyncEngine:
         finally:
             if not finished:  # the consumer left early: free the request's blocks now
                 self.abort(rid)
+
+    def between_steps(self, fn: Callable[[], T]) -> T:
+        """Run fn() on the calling thread while the engine is between steps (holding the step lock): for other
+        model calls (a server's prompt scoring) that must not run beside a step. Blocks; call it off the event
+        loop (asyncio.to_thread). The batch waits while fn runs."""
+        with self._lock:
+            return fn()
 
     def _run(self) -> None:
         try:

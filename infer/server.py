@@ -38,8 +38,7 @@ the server state and the request tracking (`_Tracked`); what separates cleanly l
 (validation, response shapes, prompt logprobs) and infer/metrics.py.
 
 Limits: HTTP/1.1 without chunked request bodies (411) or pipelining; no TLS (put a proxy in front); one model;
-completions' prompt logprobs run one dense forward per prompt beside the engine thread (serialised with each
-other, not with engine steps).
+completions' prompt logprobs run one dense forward per prompt between engine steps (the batch waits for it).
 """
 
 from __future__ import annotations
@@ -182,7 +181,6 @@ class Server:
         self.port: int | None = None
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task] = set()
-        self._score_lock = threading.Lock()
         self.created = int(time.time())
 
     @property
@@ -561,9 +559,8 @@ class Server:
 
     async def _prompt_logprobs_raw(self, ids: list[int], top_n: int):
         def run():
-            with self._score_lock:
-                return api.prompt_logprobs(self.model, ids, top_n)
-        return await asyncio.to_thread(run)
+            return api.prompt_logprobs(self.model, ids, top_n)
+        return await asyncio.to_thread(self.aengine.between_steps, run)
 
     async def _prompt_logprobs(self, ids: list[int], text: str, top_n: int) -> dict:
         lps, tops = await self._prompt_logprobs_raw(ids, top_n)
