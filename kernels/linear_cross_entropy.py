@@ -244,7 +244,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, softcap, ignore_index, reduction, chunk_rows, want_grad_x, want_grad_w):
-        N = x.shape[0]
         ctx.reduction, ctx.softcap, ctx.ignore_index, ctx.chunk_rows = reduction, softcap, ignore_index, chunk_rows
         ctx.set_materialize_grads(False)
         valid = targets != ignore_index

@@ -10,7 +10,6 @@ import threading
 import time
 
 import pytest
-import torch
 from websockets.asyncio.client import connect as aconnect
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
