@@ -254,13 +254,20 @@ def test_store_then_attend_equals_dense_causal(G, window):
 def test_twins_equal_dense_per_sequence(G, window):
     """The twins batch their work (every decode at once, padded to the longest sequence; a mixed prefill sends its
     one-token sequences through the decode twin): each sequence's rows still equal dense SDPA over that sequence
-    alone, whatever the padding, the unused table entries (INVALID_BLOCK) and an empty sequence hold."""
+    alone, whatever the padding, the unused table entries (INVALID_BLOCK), unowned pool slots (NaN here) and an
+    empty sequence hold."""
     torch.manual_seed(3)
     Hkv, D, block_size = 2, 8, 4
     H = G * Hkv
     news, prefixes = [1, 6, 1, 3, 1], [12, 0, 0, 9, 30]  # a mixed step: decodes beside prefill chunks
     lens = [p + n for p, n in zip(prefixes, news, strict=True)]
     k_cache, v_cache, table, seq_lens = make_cache(lens, block_size, Hkv, D, torch.float32)
+    owned = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=DEVICE)  # pool slots holding a sequence's token
+    for b, L in enumerate(lens):
+        pos = torch.arange(L, device=DEVICE)
+        owned[table[b, pos // block_size].long(), pos % block_size] = True
+    k_cache[~owned] = float("nan")  # what padding reads (block tails, spare blocks) must not reach the output
+    v_cache[~owned] = float("nan")
     q, cu, _ = pack(prefixes, news, H, D, torch.float32)
 
     def dense(b, rows):  # SDPA over sequence b's keys, for its queries `rows` at its last len(rows) positions
