@@ -118,7 +118,7 @@ def paged_attention_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
     if window is not None:
         visible &= t >= lens[:, None] - 1 - window
     p = torch.softmax(s.masked_fill(~visible[:, :, None, None], float("-inf")), dim=1).nan_to_num(0.0)
-    v = v.masked_fill(~visible[:, :, None, None, None], 0.0)  # padding rows may hold anything (0 * NaN = NaN)
+    v.masked_fill_(~visible[:, :, None, None, None], 0.0)  # a fresh gather; padding may hold anything (0 * NaN)
     return (p[..., None] * v).sum(1).reshape(B, H, D).to(q.dtype)
 
 
