@@ -507,7 +507,7 @@ class Server:
             choices = []
             for i, (ids, text) in enumerate(prompts):
                 api.check_context(len(ids), 0, self.max_context)
-                lp = await self._prompt_logprobs(ids, text, top_n) if top_n is not None else None
+                lp = await self._prompt_logprobs(ids, top_n) if top_n is not None else None
                 choices.append(api.completion_choice(i, text, "length", lp))
             use = api.usage(sum(len(p) for p, _ in prompts), 0)
             return await self._send_json(writer, 200, api.completion(rid, created, name, choices, use), cors,
@@ -533,7 +533,14 @@ class Server:
                 return await self._sse(writer, cors, keep_alive, events())
             finally:
                 await outputs.aclose()
-        results = await asyncio.gather(*(self._collect(r) for r in reqs))
+        tasks = [asyncio.ensure_future(self._collect(r)) for r in reqs]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:  # one prompt failed (busy, invalid): abort the others rather than let them run on
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         choices = []
         for i, ((ids, ptext), req, (toks, text, lps)) in enumerate(zip(prompts, reqs, results)):
             lp = None
@@ -562,7 +569,7 @@ class Server:
             return api.prompt_logprobs(self.model, ids, top_n)
         return await asyncio.to_thread(self.aengine.between_steps, run)
 
-    async def _prompt_logprobs(self, ids: list[int], text: str, top_n: int) -> dict:
+    async def _prompt_logprobs(self, ids: list[int], top_n: int) -> dict:
         lps, tops = await self._prompt_logprobs_raw(ids, top_n)
         return api.logprobs_object(self.tokenizer, ids, lps, tops)
 

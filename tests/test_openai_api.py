@@ -192,3 +192,24 @@ def test_http_disconnect_aborts_the_request(served):
         assert time.monotonic() < deadline, "the request kept running after its client left"
         time.sleep(0.01)
     assert served.metrics.requests["abort"] == before + 1
+
+
+def test_a_refused_prompt_aborts_its_siblings(tok):  # noqa: F811
+    """A multi-prompt completions request whose later prompts find the queue full answers 503 busy, and the prompts
+    it had already admitted are aborted then, not left generating for nobody."""
+    model = make_model(tok)
+    cfg = small_config(max_num_seqs=1, max_num_batched_tokens=64, max_waiting=1)
+    st = ServerThread(Server(cfg, lambda: (model, tok), log=quiet))
+    with st as server:
+        st.wait_ready()
+        before = dict(server.metrics.requests)
+        status, data, _ = post(server, "/v1/completions", {"prompt": ["def wrap(", "class Text", "import os", "x = "],
+                                                           "max_tokens": 64, "temperature": 1.0, "seed": 1})
+        assert status == 503 and json.loads(data)["error"]["code"] == "busy"
+        deadline = time.monotonic() + 10
+        while server.engine.has_unfinished() or server.engine.block_manager.num_used_blocks:
+            assert time.monotonic() < deadline, "the admitted prompts kept running"
+            time.sleep(0.01)
+        after = server.metrics.requests
+        # none of them generated to its end ("stop"/"length"): the admitted ones were aborted
+        assert {k: v for k, v in after.items() if k != "abort"} == {k: v for k, v in before.items() if k != "abort"}
