@@ -2,8 +2,8 @@
 
     messages = validate_messages(body["messages"], cfg)           # ApiError naming the field, or clean messages
     prompt = render_chat(tok, messages)                            # model/chat.py's renderer; ends <|assistant_start|>
-    params = sampling_params(body, cfg, prompt_len=len(prompt), max_context=T, allowed=CHAT_FIELDS)
-    prompts = completion_prompts(tok, body["prompt"], cfg)        # text, token ids, or lists of either
+    params = sampling_params(body, cfg, prompt_len=len(prompt), max_context=T)
+    prompts = completion_prompts(tok, body["prompt"], vocab_size)  # text, token ids, or lists of either
     lps, tops = prompt_logprobs(model, ids, top_n=1)              # echo + logprobs: one forward pass
 
 `cfg` is the server's ServerConfig (infer/server.py): the limits live there and every error message quotes them.
@@ -35,7 +35,6 @@ ROLES = ("system", "user", "assistant")
 MAX_LOGPROBS = 5
 # Fields of SamplingParams a client may set, on every front door (ws "params", chat and completions bodies).
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "max_tokens", "seed")
-WS_PARAM_FIELDS = SAMPLING_FIELDS
 UNSUPPORTED = {"n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None,
                "suffix": None, "tools": None, "functions": None, "tool_choice": None}
 
@@ -126,9 +125,9 @@ def sampling_params(fields: dict, cfg, *, prompt_len: int, max_context: int, str
     if not isinstance(fields, dict):
         raise _bad(f"{where or 'params'} must be an object, got {type(fields).__name__}", where or "params")
     if strict:
-        unknown = sorted(set(fields) - set(WS_PARAM_FIELDS))
+        unknown = sorted(set(fields) - set(SAMPLING_FIELDS))
         if unknown:
-            raise _bad(f"{where}: unknown fields {unknown}; allowed: {list(WS_PARAM_FIELDS)}", where)
+            raise _bad(f"{where}: unknown fields {unknown}; allowed: {list(SAMPLING_FIELDS)}", where)
     kwargs = {k: fields[k] for k in SAMPLING_FIELDS if fields.get(k) is not None}
     mt_field = _field(where, "max_tokens")
     room = max_context - prompt_len
@@ -206,11 +205,10 @@ def prompt_logprobs(model, ids: list[int], top_n: int) -> tuple[list[float | Non
     return [None] + chosen, tops
 
 
-def logprobs_object(tokenizer, ids: list[int], lps: list[float | None], tops: list[dict | None],
-                    text_start: int = 0) -> dict:
+def logprobs_object(tokenizer, ids: list[int], lps: list[float | None], tops: list[dict | None]) -> dict:
     """OpenAI's legacy completions logprobs: tokens (as text), token_logprobs, top_logprobs, text_offset."""
     tokens = [tokenizer.decode([t]) for t in ids]
-    offsets, pos = [], text_start
+    offsets, pos = [], 0
     for s in tokens:
         offsets.append(pos)
         pos += len(s)

@@ -28,8 +28,8 @@ Memory: the KV pool is sized by the caller from free memory (`blocks_for_memory`
 measures what the graphs will need before that (one eager decode forward at the largest bucket on a one-block
 pool), so the caller can leave it out of the pool's budget. The capture log line says what the graphs really took.
 
-Limits: graphs need the whole decode forward free of host syncs; at the time of writing `GPT._rotary` reads
-positions.min()/max() on the host, which cannot be captured: the runner then logs the capture error and runs
+Limits: graphs need the whole decode forward free of host syncs (`GPT._rotary` skips its host-side range check
+while a capture runs); a forward that still syncs fails its capture, and the runner then logs the error and runs
 decode eagerly (`graph_error` holds the reason; the gpu tests assert it is None). The block manager (not this
 file) decides which blocks a sequence owns; the runner trusts the tables it is given and checks only their sizes.
 """
