@@ -145,8 +145,10 @@ def complete_steps(checkpoints: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def _newest_step(checkpoints: Path) -> Path | None:
-    steps = complete_steps(checkpoints)
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The complete step directory with the highest step under `root`, or None. Directories without the
+    COMPLETE marker (and all dot directories: saves in progress or killed) are ignored."""
+    steps = complete_steps(root)
     return steps[-1][1] if steps else None
 
 
@@ -157,7 +159,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     if (p / CONFIG_FILE).is_file():
         return p
     for checkpoints in (p, p / "checkpoints"):
-        if (step := _newest_step(checkpoints)) is not None:
+        if (step := latest_checkpoint(checkpoints)) is not None:
             return step
     raise CheckpointError(f"{p} is neither a model directory ({CONFIG_FILE}) nor holds complete checkpoints "
                           f"(step_*/{COMPLETE_MARKER})")
@@ -176,6 +178,6 @@ def latest_trained_model(base_dir: str | os.PathLike) -> tuple[Path, Path] | Non
         return None
     run = max(runs, key=runs.get)
     for stage in reversed(STAGES):
-        if (step := _newest_step(run / stage / "checkpoints")) is not None:
+        if (step := latest_checkpoint(run / stage / "checkpoints")) is not None:
             return step, run / "tokenizer"
     return None

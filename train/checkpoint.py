@@ -67,8 +67,8 @@ from safetensors.torch import save_file
 from model.config import ModelConfig
 from model.fsutil import fsync_path
 from model.gpt import GPT
-from model.io import (COMPLETE_MARKER, CONFIG_FILE, WEIGHTS_FILE, CheckpointError, complete_steps, load_config,
-                      write_model_files)
+from model.io import (COMPLETE_MARKER, CONFIG_FILE, WEIGHTS_FILE, CheckpointError, complete_steps, latest_checkpoint,
+                      load_config, write_model_files)
 
 FORMAT = "flashchat-checkpoint/1"
 OPTIM_FORMAT = "flashchat-optim/1"
@@ -352,13 +352,6 @@ def _prune(root: Path, keep_last: int, step: int) -> None:
 
 
 # ---- load --------------------------------------------------------------------------------------------------
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The complete step directory with the highest step under `root`, or None. Directories without the
-    COMPLETE marker (and all dot directories: saves in progress or killed) are ignored."""
-    steps = complete_steps(Path(root))
-    return steps[-1][1] if steps else None
-
 
 @dataclass
 class Checkpoint:

