@@ -28,24 +28,30 @@ import torch.distributed as dist
 
 
 @torch.no_grad()
+def loss_byte_sums(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                   token_bytes: torch.Tensor) -> tuple[float, float, float, float]:
+    """(nats, supervised targets, nats of the targets with bytes > 0, their bytes) summed over `batches`
+    (inputs, targets: (B, T) int64; target −1 = not supervised) and all-reduced over the default group, in float64.
+    token_bytes: (V,) int64 on the model's device, the UTF-8 length of each token (0 for special tokens)."""
+    sums = torch.zeros(4, dtype=torch.float64, device=token_bytes.device)
+    for inputs, targets in batches:
+        nats = model(inputs, targets, loss_reduction="none").double()  # (B, T), 0 where target == −1
+        valid = targets >= 0
+        nbytes = torch.where(valid, token_bytes[targets.clamp(min=0)], 0)
+        sums += torch.stack([nats.sum(), valid.sum().double(), (nats * (nbytes > 0)).sum(), nbytes.sum().double()])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    nats, count, nats_with_bytes, nbytes = sums.tolist()
+    return nats, count, nats_with_bytes, nbytes
+
+
 def evaluate_bpb(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], token_bytes: torch.Tensor) -> float:
     """Bits per byte of `model` over `batches` (inputs, targets: (B, T) int64); token_bytes: (V,) int64 on the
     model's device, the UTF-8 length of each token (0 for special tokens). All-reduced over the default group."""
-    device = token_bytes.device
-    total_nats = torch.zeros((), dtype=torch.float64, device=device)
-    total_bytes = torch.zeros((), dtype=torch.float64, device=device)
-    for inputs, targets in batches:
-        nats = model(inputs, targets, loss_reduction="none")  # (B, T), 0 where target == −1
-        valid = targets >= 0
-        nbytes = torch.where(valid, token_bytes[targets.clamp(min=0)], 0)
-        total_nats += (nats.double() * (nbytes > 0)).sum()
-        total_bytes += nbytes.sum().double()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total_nats)
-        dist.all_reduce(total_bytes)
-    if total_bytes.item() == 0:
+    _, _, nats, nbytes = loss_byte_sums(model, batches, token_bytes)
+    if nbytes == 0:
         raise ValueError("evaluate_bpb: no target token with bytes > 0 in the evaluation batches")
-    return total_nats.item() / (math.log(2) * total_bytes.item())
+    return nats / (math.log(2) * nbytes)
 
 
 @torch.no_grad()

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from model.io import load_config, load_model
 from train.chat_data import MIXTURES, PackedChatLoader, PaddedChatLoader, build_mixture, mean_conversation_tokens
 from train.checkpoint import META_FILE, latest_checkpoint, load_checkpoint
+from train.evaluate import loss_byte_sums
 from train.fsdp import FSDP
 from train.loop import RunLog, Trainer, init_run, resume_checkpoint, save_run_checkpoint
 from train.optim import MuonAdamW
@@ -111,15 +112,7 @@ def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: 
 def evaluate_chat(model, batches, token_bytes: torch.Tensor) -> dict:
     """Val loss (nats per supervised target) and bits per byte over the supervised targets with bytes > 0
     (§6.1's rule: special tokens such as <|assistant_end|> carry no bytes), summed over all ranks."""
-    sums = torch.zeros(4, dtype=torch.float64, device=token_bytes.device)  # nats, targets, nats w/ bytes, bytes
-    for inputs, targets in batches:
-        nats = model(inputs, targets, loss_reduction="none").double()  # (B, T), 0 where target == −1
-        valid = targets >= 0
-        nbytes = torch.where(valid, token_bytes[targets.clamp(min=0)], 0)
-        sums += torch.stack([nats.sum(), valid.sum().double(), (nats * (nbytes > 0)).sum(), nbytes.sum().double()])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sums)
-    nats, count, nats_b, nbytes = sums.tolist()
+    nats, count, nats_b, nbytes = loss_byte_sums(model, batches, token_bytes)
     if count == 0 or nbytes == 0:
         raise ValueError("evaluate_chat: the val batches hold no supervised target with bytes")
     return {"val_loss": nats / count, "val_bpb": nats_b / (math.log(2) * nbytes)}
