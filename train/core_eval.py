@@ -216,8 +216,10 @@ def evaluate_task(task: Task, items: list[dict], tokenizer, score_fn: ScoreFn, b
     def prepare(i: int):
         item = items[i]
         k = min(task.num_fewshot, len(items) - 1)
-        others = [j for j in range(len(items)) if j != i]
-        fewshot = [items[j] for j in random.Random(FEWSHOT_SEED + i).sample(others, k)] if k > 0 else []
+        # k of the other items, drawn as indices into "all but i" (the same draw as sampling that list, without
+        # building it per item: O(k), not O(len(items)))
+        picks = random.Random(FEWSHOT_SEED + i).sample(range(len(items) - 1), k) if k > 0 else []
+        fewshot = [items[j + (j >= i)] for j in picks]
         prompts = render_prompts(task.task_type, item, task.continuation_delimiter, fewshot)
         ids = [[bos] + p for p in tokenizer.encode_batch(prompts, disallowed_special=())]
         spans = build_rows(task.task_type, ids)
