@@ -41,7 +41,6 @@ the builder sets it on the instances it creates.
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Sequence
 
@@ -49,7 +48,7 @@ import numpy as np
 import torch
 
 from model.chat import render_conversation
-from train.corpus import PINNED, Document, package_dir, split_of
+from train.corpus import PINNED, Document, chitchat_turns, package_dir, split_of
 from train.tasks.common import Task, check_trainable
 from train.tasks_synthetic import (ArithmeticWordProblems, IdentityChats, MultipleChoice, SpellingCount,
                                    TaskMixture)
@@ -77,26 +76,24 @@ def _held_out(source: str, doc_id: str) -> bool:
     return split_of(Document(source, doc_id, "")) == "val"
 
 
-@functools.lru_cache(maxsize=4)  # read-only Tasks: one parse of the 9 MB JSON per split
-def chitchat_conversations(split: str) -> Conversations:
-    """chitchat-dataset: each conversation's turns (runs of one sender's messages) alternate user/assistant from
-    the first sender; cut into pieces of ≤ MAX_EXCHANGES exchanges; a trailing user turn is dropped."""
-    path = package_dir("chitchat_dataset", f"chitchat-dataset=={PINNED['chitchat-dataset']}") / "dataset.json"
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    rows = []
-    for uuid, conv in data.items():
-        if _held_out("chitchat", uuid) != (split == "validation"):
-            continue
-        turns = [" ".join(u["text"].strip() for u in turn if u["text"].strip()) for turn in conv["messages"]]
-        turns = [t for t in turns if t]
+@functools.lru_cache(maxsize=1)  # one parse of the 40 MB JSON for both splits
+def _chitchat_rows() -> dict[str, list[list[dict]]]:
+    rows: dict[str, list[list[dict]]] = {"train": [], "validation": []}
+    for uuid, turns in chitchat_turns():
+        split = "validation" if _held_out("chitchat", uuid) else "train"
         for i in range(0, len(turns) - 1, 2 * MAX_EXCHANGES):
             piece = turns[i: i + 2 * MAX_EXCHANGES]
             piece = piece[: len(piece) // 2 * 2]
             if piece:
-                rows.append([{"role": "user" if j % 2 == 0 else "assistant", "content": t}
-                             for j, t in enumerate(piece)])
-    return Conversations("chitchat", split, rows)
+                rows[split].append([{"role": "user" if j % 2 == 0 else "assistant", "content": t}
+                                    for j, t in enumerate(piece)])
+    return rows
+
+
+def chitchat_conversations(split: str) -> Conversations:
+    """chitchat-dataset: each conversation's turns (runs of one sender's messages) alternate user/assistant from
+    the first sender; cut into pieces of ≤ MAX_EXCHANGES exchanges; a trailing user turn is dropped."""
+    return Conversations("chitchat", split, _chitchat_rows()["validation" if split == "validation" else "train"])
 
 
 @functools.lru_cache(maxsize=4)

@@ -102,16 +102,21 @@ def _shakespeare() -> Iterator[Document]:
         yield Document("shakespeare", doc_id, _play_to_text(path.read_text(encoding="utf-8")))
 
 
-def _chitchat() -> Iterator[Document]:
+def chitchat_turns() -> Iterator[tuple[str, list[str]]]:
+    """(uuid, turns) of every chitchat-dataset conversation, in the file's order. A turn is a run of messages from
+    one sender, joined with spaces into one line; empty turns are dropped (the turns still alternate senders)."""
     path = _corpus_package("chitchat_dataset", "chitchat-dataset") / "dataset.json"
     with open(path, encoding="utf-8") as f:
         conversations = json.load(f)  # dict uuid -> conversation; JSON object order is the file's order
     for uuid, conv in conversations.items():
-        # A turn is a run of messages from one sender; they read as one line when joined with spaces.
         turns = (" ".join(u["text"].strip() for u in turn if u["text"].strip()) for turn in conv["messages"])
-        text = "\n".join(t for t in turns if t)
-        if text:
-            yield Document("chitchat", uuid, text)
+        yield uuid, [t for t in turns if t]
+
+
+def _chitchat() -> Iterator[Document]:
+    for uuid, turns in chitchat_turns():
+        if turns:
+            yield Document("chitchat", uuid, "\n".join(turns))
 
 
 def _chatterbot() -> Iterator[Document]:
