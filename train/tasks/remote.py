@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--split needs --task")
 
     base_url = args.base_url or os.environ.get(ENDPOINT_ENV) or None
-    cache = tasks_cache_dir(args.cache_dir if args.cache_dir else dl.cache_dir(None, os.environ) / "tasks")
+    cache = tasks_cache_dir(args.cache_dir or None)
     jobs = [(t, s) for t in SOURCES for s in SOURCES[t].splits] if args.all else []
     if args.task:
         jobs += [(args.task, s) for s in ([args.split] if args.split else SOURCES[args.task].splits)]
