@@ -36,7 +36,6 @@ resumes only at the world size that wrote it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import time
@@ -51,7 +50,7 @@ from model.gpt import GPT
 from model.io import load_model, resolve_model_dir
 from rlgrpo.rewards import group_advantages, pass_at_k
 from rlgrpo.rollout import Sample, rollout
-from train.loop import init_run, resume_checkpoint, save_run_checkpoint
+from train.loop import RunLog, all_sum, init_run, resume_checkpoint, save_run_checkpoint
 from train.fsdp import FSDP
 from train.optim import MuonAdamW
 from train.report import record_stage
@@ -158,12 +157,9 @@ def make_rows(samples: list[Sample], pad_id: int, device) -> tuple[torch.Tensor,
     return inputs.to(device), targets.to(device)
 
 
-def all_sum(x: float, world: int, device) -> float:
-    if world == 1:
-        return float(x)
-    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
+def sum_over_ranks(values: list[float], world: int, device) -> list[float]:
+    """Each value summed over all ranks, in float64, with one collective."""
+    return all_sum(torch.tensor(values, dtype=torch.float64, device=device), world).tolist()
 
 
 def all_max(x: int, world: int, device) -> int:
@@ -178,7 +174,7 @@ def policy_gradient_step(model: GPT, fsdp: FSDP, opt: MuonAdamW, samples: list[S
                          *, device_batch_size: int, pad_id: int, world: int, device) -> dict:
     """Accumulate the token-normalised policy gradient of this rank's samples, then one optimizer step.
     Returns {"pg_loss", "num_tokens", "num_trained"} (all ranks' totals). Every rank must call it."""
-    num_tokens = all_sum(sum(sum(s.mask) for s in samples), world, device)
+    [num_tokens] = sum_over_ranks([sum(sum(s.mask) for s in samples)], world, device)
     train = [(s, a) for s, a in zip(samples, advantages, strict=True) if a != 0.0 and sum(s.mask) > 0]
     num_micro = all_max(math.ceil(len(train) / device_batch_size), world, device)
     pg = torch.zeros((), dtype=torch.float64, device=device)
@@ -199,8 +195,8 @@ def policy_gradient_step(model: GPT, fsdp: FSDP, opt: MuonAdamW, samples: list[S
     if num_micro > 0:
         opt.step()
     fsdp.zero_grad()
-    return {"pg_loss": all_sum(pg.item(), world, device), "num_tokens": num_tokens,
-            "num_trained": all_sum(len(train), world, device), "updated": num_micro > 0}
+    pg_loss, num_trained = sum_over_ranks([pg.item(), len(train)], world, device)
+    return {"pg_loss": pg_loss, "num_tokens": num_tokens, "num_trained": num_trained, "updated": num_micro > 0}
 
 
 @torch.no_grad()
@@ -228,7 +224,7 @@ def evaluate_pass_at_k(engine: Engine, tok, task, k: int, params: SamplingParams
             c = sum(s.correct for s in group)
             for j in range(1, k + 1):
                 sums[j - 1] += pass_at_k(k, c, j)
-    return {f"pass@{j}": all_sum(sums[j - 1], world, device) / len(task) for j in range(1, k + 1)}
+    return {f"pass@{j}": total / len(task) for j, total in enumerate(sum_over_ranks(sums, world, device), start=1)}
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
@@ -239,7 +235,9 @@ def main(argv=None, *, tasks=None, log=None) -> dict:
 
     rank, world, device = init_run()
     is_master = rank == 0
-    log = log or ((lambda msg: print(msg, flush=True)) if is_master else (lambda msg: None))
+    run_dir = Path(args.run_root) / "rl"
+    run = RunLog(run_dir, is_master)
+    log = log or run.log
     t_start = time.perf_counter()
 
     E, G = args.examples_per_step, args.num_samples
@@ -276,7 +274,6 @@ def main(argv=None, *, tasks=None, log=None) -> dict:
                     max_num_seqs=args.max_num_seqs, log=log)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens)
     pad_id = tok.special_id("<|assistant_end|>")
-    run_dir = Path(args.run_root) / "rl"
     run_key = {"examples_per_step": E, "num_samples": G, "num_steps": num_steps, "world_size": world,
                "seed": args.seed, "task": args.task if tasks is None else "custom",
                "lr": [args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.scalar_lr, args.init_lr_frac]}
@@ -289,15 +286,8 @@ def main(argv=None, *, tasks=None, log=None) -> dict:
         step = ck.step
         log(f"resumed from {ck.path} at step {step}")
     version = engine.version  # the weights the next rollouts come from
-    if is_master:
-        run_dir.mkdir(parents=True, exist_ok=True)
     log(f"flashchat grpo | {cfg.summary()} | world {world} on {device} | {num_steps} steps × {E} questions × "
         f"{G} samples | train {len(train_task)} questions | evals {[(n, len(t)) for n, t, _ in evals]}")
-
-    def record(rec: dict) -> None:
-        if is_master:
-            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
 
     def run_evals(step: int) -> dict:
         out = {}
@@ -308,7 +298,7 @@ def main(argv=None, *, tasks=None, log=None) -> dict:
             out[name] = res
             shown = " ".join(f"{k} {v:.3f}" for k, v in res.items())
             log(f"step {step:05d} | eval {name} ({len(task)} questions) | {shown} | {time.perf_counter() - t0:.1f}s")
-            record({"step": step, "eval": name, **res})
+            run.record({"step": step, "eval": name, **res})
         return out
 
     rewards_hist, last_eval, start_step = [], {}, step
@@ -344,15 +334,16 @@ def main(argv=None, *, tasks=None, log=None) -> dict:
                 version = push_weights(fsdp, engine, world, device)
             step += 1
             n_seq = len(samples) * world
-            reward_mean = all_sum(float(rew.sum()), world, device) / n_seq
-            correct = all_sum(sum(s.correct for s in samples), world, device) / n_seq
-            gen_tokens = all_sum(sum(len(s.token_ids) for s in samples), world, device)
+            reward_sum, num_correct, gen_tokens = sum_over_ranks(
+                [float(rew.sum()), sum(s.correct for s in samples), sum(len(s.token_ids) for s in samples)],
+                world, device)
+            reward_mean, correct = reward_sum / n_seq, num_correct / n_seq
             dt = time.perf_counter() - t0
             rewards_hist.append(reward_mean)
             log(f"step {step:05d}/{num_steps:05d} | reward {reward_mean:.3f} | correct {correct:.3f} | "
                 f"pg {stats['pg_loss']:+.4f} | tokens {stats['num_tokens']:,.0f} ({stats['num_trained']:.0f} seqs "
                 f"trained) | lrm {lrm:.3f} | rollout {t_roll:.1f}s {gen_tokens / t_roll:,.0f} tok/s | dt {dt:.1f}s")
-            record({"step": step, "reward": reward_mean, "correct": correct, "pg_loss": stats["pg_loss"],
+            run.record({"step": step, "reward": reward_mean, "correct": correct, "pg_loss": stats["pg_loss"],
                     "num_tokens": stats["num_tokens"], "lrm": lrm, "rollout_s": t_roll, "dt": dt,
                     "version": version})
     finally:

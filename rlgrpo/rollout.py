@@ -36,7 +36,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from infer.engine import Engine
@@ -91,8 +91,7 @@ def rollout(engine: Engine, tokenizer, examples: list[dict], num_samples: int, p
         for g in range(num_samples):
             s = sample_seed(seed, step, q, g)
             prompts.append(prompt)
-            plist.append(SamplingParams(**{**_params_dict(params), "seed": s,
-                                           "max_tokens": min(params.max_tokens, room)}))
+            plist.append(replace(params, seed=s, max_tokens=min(params.max_tokens, room)))
             seeds.append(s)
     version = engine.version
     completions = engine.generate(prompts, plist)
@@ -111,10 +110,6 @@ def rollout(engine: Engine, tokenizer, examples: list[dict], num_samples: int, p
                                 correct, version, seeds[k]))
         groups.append(group)
     return groups
-
-
-def _params_dict(params: SamplingParams) -> dict:
-    return {k: getattr(params, k) for k in params.__dataclass_fields__}
 
 
 # ---- the offline CLI -------------------------------------------------------------------------------------------
