@@ -9,20 +9,8 @@ import bpe_rs
 from train.chat_data import (Conversations, PackedChatLoader, PaddedChatLoader, build_mixture,
                              chatterbot_conversations, chitchat_conversations, mixture_of, row_to_batch)
 from model.chat import render_conversation
+from tests.test_chat import TOOL_CONVERSATION
 from train.tasks_synthetic import ArithmeticWordProblems
-
-TOOL_CONVERSATION = [
-    {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "What is 12 times 7?"},
-    {"role": "assistant", "content": [
-        {"type": "text", "text": "Let me compute that."},
-        {"type": "python", "text": "12 * 7"},
-        {"type": "python_output", "text": "84"},
-        {"type": "text", "text": "The answer is 84."},
-    ]},
-    {"role": "user", "content": "Thanks!"},
-    {"role": "assistant", "content": "You are welcome."},
-]
 
 
 @pytest.fixture(scope="module")

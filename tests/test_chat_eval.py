@@ -1,29 +1,22 @@
 """Chat evals: batched categorical scoring == one prompt at a time == the plain forward; generative eval through the
 engine == naive greedy generation; GSM8K with a real tool call; HumanEval timeouts; hand-checked ChatCORE/pass@k."""
 
-import inspect
-import textwrap
 import time
 
 import pytest
 import torch
 
-import bpe_rs
 from infer.engine import Engine
 from infer.sandbox import ToolExecutor
 from model.chat import render_for_completion
 from model.config import ModelConfig
 from model.gpt import GPT
+from tests.test_engine import ScriptedGPT, naive_greedy, tok  # noqa: F401  (tok is a fixture)
 from train.chat_eval import (assistant_text, chatcore, evaluate_categorical, evaluate_generative, letter_logits,
                              load_task, pass_at_k)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return bpe_rs.train_from_iterator([inspect.getsource(textwrap)], vocab_size=400)
-
-
-def tiny_model(tok, sequence_len=512, cls=GPT):
+def tiny_model(tok, sequence_len=512, cls=GPT):  # noqa: F811
     torch.manual_seed(0)
     cfg = ModelConfig.for_depth(2, model_dim=64, head_dim=32, vocab_size=tok.vocab_size, sequence_len=sequence_len,
                                 n_kv_head=1)
@@ -35,7 +28,7 @@ def tiny_model(tok, sequence_len=512, cls=GPT):
 
 
 @pytest.fixture(scope="module")
-def model(tok):
+def model(tok):  # noqa: F811
     return tiny_model(tok)
 
 
@@ -71,7 +64,7 @@ def test_pass_at_k_by_hand():
 
 # ---- categorical ---------------------------------------------------------------------------------------------------
 
-def test_categorical_batched_equals_one_at_a_time_and_the_plain_forward(tok, model):
+def test_categorical_batched_equals_one_at_a_time_and_the_plain_forward(tok, model):  # noqa: F811
     task = load_task("MMLU", max_problems=4, seed=3)
     examples = list(task) + list(load_task("synthetic-mc", max_problems=3))
     batched = letter_logits(model, tok, examples, batch_size=3)  # batches of different prompt lengths
@@ -93,7 +86,7 @@ def test_categorical_batched_equals_one_at_a_time_and_the_plain_forward(tok, mod
     assert a.kind == "categorical" and not a.synthetic
 
 
-def test_categorical_too_long_prompts_count_wrong(tok):
+def test_categorical_too_long_prompts_count_wrong(tok):  # noqa: F811
     model = tiny_model(tok, sequence_len=64)
     task = load_task("synthetic-mc", max_problems=4)
     res = evaluate_categorical(model, tok, task, batch_size=2, log=None)
@@ -102,19 +95,7 @@ def test_categorical_too_long_prompts_count_wrong(tok):
 
 # ---- generative ----------------------------------------------------------------------------------------------------
 
-def naive_greedy(model, ids, max_tokens, eos):
-    ids, out = list(ids), []
-    with torch.no_grad():
-        for _ in range(max_tokens):
-            t = int(model(torch.tensor([ids]))[0].argmax())
-            out.append(t)
-            ids.append(t)
-            if t in eos:
-                break
-    return out
-
-
-def test_generative_through_the_engine_equals_naive_greedy(tok, model):
+def test_generative_through_the_engine_equals_naive_greedy(tok, model):  # noqa: F811
     task = load_task("synthetic-spelling", max_problems=3)
     engine = Engine(model, tok, block_size=16, num_blocks=256, max_num_seqs=4, log=lambda _: None)
     res = evaluate_generative(engine, task, num_samples=2, temperature=0.0, top_k=50, max_tokens=10, log=None)
@@ -128,25 +109,7 @@ def test_generative_through_the_engine_equals_naive_greedy(tok, model):
     assert engine.block_manager.num_used_blocks == 0
 
 
-class ScriptedGPT(GPT):
-    """A GPT whose next token is read from a script keyed by position (default <|assistant_end|>); the real forward
-    still runs. Lets the test 'write' a GSM8K answer with a calculator call (as tests/test_engine.py does)."""
-
-    script: dict[int, int] = {}
-    end_id: int = 0
-
-    def forward(self, idx, *args, positions=None, **kwargs):
-        logits = super().forward(idx, *args, positions=positions, **kwargs)
-        last = kwargs.get("logits_positions")
-        if positions is None or last is None or not isinstance(last, torch.Tensor):
-            return logits
-        forced = torch.full_like(logits, -30.0)
-        for row, p in enumerate(positions[last].tolist()):
-            forced[0, row, self.script.get(p + 1, self.end_id)] = 30.0
-        return forced
-
-
-def test_gsm8k_answer_with_a_calculator_call_is_graded_through_the_sandbox(tok):
+def test_gsm8k_answer_with_a_calculator_call_is_graded_through_the_sandbox(tok):  # noqa: F811
     task = load_task("GSM8K", max_problems=1, seed=5)
     ex = task[0]
     answer = int(float(ex["answer"]))
@@ -166,7 +129,7 @@ def test_gsm8k_answer_with_a_calculator_call_is_graded_through_the_sandbox(tok):
     assert res.num_correct == 1 and res.accuracy == 1.0 and not res.synthetic
 
 
-def test_grading_reads_the_text_parts_only(tok):
+def test_grading_reads_the_text_parts_only(tok):  # noqa: F811
     task = load_task("GSM8K", max_problems=1, seed=5)
     ex = task[0]
     sp = tok.special_tokens

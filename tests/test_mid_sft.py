@@ -60,7 +60,7 @@ def pipeline(tmp_path_factory):
     return root, mid_out, sft_out
 
 
-def test_base_mid_sft_pipeline(pipeline, capsys):
+def test_base_mid_sft_pipeline(pipeline):
     root, mid_out, sft_out = pipeline
     for out, stage, n in ((mid_out, "mid", 4), (sft_out, "sft", 3)):
         assert out["step"] == n and len(out["losses"]) == n

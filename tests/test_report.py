@@ -88,7 +88,7 @@ def test_fmt_value():
     assert R.fmt_seconds(3725) == "1h02m05s" and R.fmt_seconds(65) == "1m05s"
 
 
-def test_cli_writes_report_md(tmp_path, capsys):
+def test_cli_writes_report_md(tmp_path):
     R.record_stage(tmp_path, "mid", wall_s=3, metrics={"val_bpb": 1.0})
     out = R.main(["--run-root", str(tmp_path)])
     assert out == tmp_path / "report.md" and "## Mid-training" in out.read_text()

@@ -30,7 +30,7 @@ def ckpt(tmp_path_factory):
     return d
 
 
-def write_questions(path, n_good=5):
+def write_questions(path):
     lines = [json.dumps({"id": f"q{i}", "question": f"What is {i} plus {i}?", "answer": 2 * i}) for i in range(3)]
     lines.insert(1, "{not json")                                     # line 2
     lines.append(json.dumps({"id": "bad", "answer": 1}))             # line 5: neither messages nor question

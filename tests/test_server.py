@@ -266,7 +266,7 @@ def test_health_goes_503_to_200_and_ws_waits(tok, model):  # noqa: F811
         assert http_get(server, "/health")[0] == 200
 
 
-def test_failed_load_keeps_503_with_the_reason(tok):  # noqa: F811
+def test_failed_load_keeps_503_with_the_reason():
     def load():
         raise FileNotFoundError("no model.safetensors in /nowhere")
 
