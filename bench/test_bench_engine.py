@@ -49,6 +49,7 @@ from infer.runner import ModelRunner, RunItem
 from infer.sampling import SamplingParams
 from model.config import ModelConfig
 from model.gpt import GPT
+from tests.models import random_model
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -92,14 +93,9 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    torch.manual_seed(0)
     # V from the tokenizer: a tokenizer that stops merging early must not leave ids the detokenizer cannot map.
     cfg = ModelConfig.for_depth(DEPTH, vocab_size=tok.vocab_size, sequence_len=SEQ_LEN, **DIMS)
-    m = GPT.build(cfg, DEVICE, DTYPE)
-    with torch.no_grad():  # init zeroes the output projections; random weights give non-uniform logits
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return m.eval()
+    return random_model(cfg, 0.02, device=DEVICE, compute_dtype=DTYPE).eval()
 
 
 @pytest.fixture(scope="module")

@@ -56,8 +56,8 @@ from websockets.asyncio.client import connect
 
 import bpe_rs
 from model.config import ModelConfig
-from model.gpt import GPT
 from model.io import save_model
+from tests.models import random_model
 
 ON_GPU = torch.cuda.is_available()
 CASE = "d20" if ON_GPU else "tiny"
@@ -74,16 +74,11 @@ def checkpoint(tmp_path_factory):
     d = tmp_path_factory.mktemp("server-bench")
     tok = bpe_rs.train_from_iterator([inspect.getsource(textwrap)], vocab_size=512)
     tok.save(d / "tokenizer")
-    torch.manual_seed(0)
     if ON_GPU:
         cfg = ModelConfig.for_depth(20, vocab_size=tok.vocab_size, sequence_len=2048)
     else:
         cfg = ModelConfig.for_depth(2, model_dim=128, head_dim=32, vocab_size=tok.vocab_size, sequence_len=256)
-    model = GPT.build(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    save_model(model, d / "model")
+    save_model(random_model(cfg, 0.02), d / "model")
     return d
 
 

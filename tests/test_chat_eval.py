@@ -11,20 +11,16 @@ from infer.sandbox import ToolExecutor
 from model.chat import render_for_completion
 from model.config import ModelConfig
 from model.gpt import GPT
+from tests.models import random_model
 from tests.test_engine import ScriptedGPT, naive_greedy, tok  # noqa: F401  (tok is a fixture)
 from train.chat_eval import (assistant_text, chatcore, evaluate_categorical, evaluate_generative, letter_logits,
                              load_task, pass_at_k)
 
 
 def tiny_model(tok, sequence_len=512, cls=GPT):  # noqa: F811
-    torch.manual_seed(0)
     cfg = ModelConfig.for_depth(2, model_dim=64, head_dim=32, vocab_size=tok.vocab_size, sequence_len=sequence_len,
                                 n_kv_head=1)
-    model = cls.build(cfg)
-    with torch.no_grad():  # init zeroes the output projections; random weights make every token matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
+    return random_model(cfg, 0.1, cls=cls).eval()
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 import bpe_rs
 from model.config import ModelConfig
-from model.gpt import GPT
 from model.io import save_model
+from tests.models import random_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,13 +21,8 @@ def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     tok = bpe_rs.train_from_iterator([inspect.getsource(textwrap)], vocab_size=400)
     tok.save(d / "tokenizer")
-    torch.manual_seed(0)
     cfg = ModelConfig.for_depth(2, model_dim=64, head_dim=32, vocab_size=tok.vocab_size, sequence_len=128)
-    model = GPT.build(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    save_model(model, d / "model")
+    save_model(random_model(cfg, 0.1), d / "model")
     return d
 
 

@@ -12,8 +12,8 @@ import torch
 
 import bpe_rs
 from model.config import ModelConfig
-from model.gpt import GPT
 from model.io import save_model
+from tests.models import random_model
 from train.core_eval import (build_rows, centered_accuracy, common_length, evaluate_core, load_tasks, main,
                              model_score_fn, render_prompts)
 
@@ -169,13 +169,8 @@ def tok():
 
 
 def tiny_model(tok, seed=0):
-    torch.manual_seed(seed)
     cfg = ModelConfig.for_depth(2, model_dim=64, head_dim=32, vocab_size=tok.vocab_size, sequence_len=64, n_kv_head=1)
-    model = GPT.build(cfg)
-    with torch.no_grad():  # init zeroes the output projections; random weights make every token matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
+    return random_model(cfg, 0.1, seed=seed).eval()
 
 
 def test_model_scorer_padding_is_masked(tok):

@@ -13,7 +13,7 @@ import torch
 
 import bpe_rs
 from model.config import ModelConfig
-from model.gpt import GPT
+from tests.models import random_model
 from train import core_offline
 from train.core_eval import centered_accuracy, evaluate_core, load_baselines, load_items, load_tasks
 from train.tasks.offline import read_arrow_rows
@@ -162,14 +162,9 @@ def one_thread():
 def test_tiny_model_evaluates_the_bundle(bundle, items, one_thread):
     texts = [json.dumps(x) for x in items["arc_easy"][:300] + items["coqa"][:20] + items["hellaswag"][:100]]
     tok = bpe_rs.train_from_iterator(texts, vocab_size=512)
-    torch.manual_seed(0)
     cfg = ModelConfig.for_depth(2, model_dim=64, head_dim=32, vocab_size=tok.vocab_size, sequence_len=256,
                                 n_kv_head=1)
-    model = GPT.build(cfg)
-    with torch.no_grad():  # init zeroes the output projections; random weights make every token matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    out = evaluate_core(model.eval(), tok, bundle, max_per_task=8, max_seq_len=cfg.sequence_len, log=None)
+    out = evaluate_core(random_model(cfg, 0.1).eval(), tok, bundle, max_per_task=8, max_seq_len=cfg.sequence_len, log=None)
     baselines = load_baselines(bundle)
     assert out["num_examples"] == {label: 8 for label in EXPECTED}
     for label, acc in out["accuracy"].items():

@@ -12,6 +12,7 @@ from infer.sampling import SamplingParams
 from infer.scheduler import QueueFullError
 from model.config import ModelConfig
 from model.gpt import GPT
+from tests.models import random_model
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +21,8 @@ def tok():
 
 
 def make_model(tok, seed=0):
-    torch.manual_seed(seed)
     cfg = ModelConfig.for_depth(2, model_dim=64, head_dim=32, vocab_size=tok.vocab_size, sequence_len=96, n_kv_head=1)
-    model = GPT.build(cfg)
-    with torch.no_grad():  # init zeroes the output projections; random weights make outputs depend on everything
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return random_model(cfg, 0.1, seed=seed)
 
 
 @pytest.fixture(scope="module")

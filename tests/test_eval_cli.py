@@ -7,12 +7,11 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 import bpe_rs
 from model.config import ModelConfig
-from model.gpt import GPT
 from model.io import save_model
+from tests.models import random_model
 from tests.test_core_eval import write_bundle
 from train.chat_eval import DEFAULT_TASKS, binomial_tail, chatcore
 from train.eval import main
@@ -26,13 +25,8 @@ def run(tmp_path_factory):
     text = inspect.getsource(textwrap)
     tok = bpe_rs.train_from_iterator([text], vocab_size=400)
     tok.save(d / "tokenizer")
-    torch.manual_seed(0)
     cfg = ModelConfig.for_depth(2, model_dim=64, head_dim=32, vocab_size=tok.vocab_size, sequence_len=512)
-    model = GPT.build(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    save_model(model, d / "model")
+    save_model(random_model(cfg, 0.1), d / "model")
     paragraphs = [p for p in text.split("\n\n") if p.strip()]
     docs = [("val" if i % 5 == 0 else "train", np.array([tok.bos_id] + tok.encode_ordinary(p), dtype=np.uint32))
             for i, p in enumerate(paragraphs)]

@@ -10,22 +10,17 @@ import torch
 
 import bpe_rs
 from model.config import ModelConfig
-from model.gpt import GPT
 from model.io import save_model
 from rlgrpo.rollout import done_ids, main, read_questions, sample_seed
+from tests.models import random_model
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("rollout")
     tok = bpe_rs.train_from_iterator([inspect.getsource(textwrap)], vocab_size=400)
-    torch.manual_seed(0)
     cfg = ModelConfig.for_depth(1, model_dim=64, head_dim=32, vocab_size=tok.vocab_size, sequence_len=128)
-    model = GPT.build(cfg)
-    with torch.no_grad():  # random weights: varied outputs
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    save_model(model, d / "model")
+    save_model(random_model(cfg, 0.1), d / "model")
     tok.save(d / "tok")
     return d
 

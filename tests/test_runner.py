@@ -7,16 +7,12 @@ from infer.runner import (ModelRunner, RunItem, blocks_for_memory, bucket_for, d
                           pack, pad_decode)
 from model.config import ModelConfig
 from model.gpt import GPT
+from tests.models import random_model
 
 
 def tiny_model() -> GPT:
-    torch.manual_seed(0)
     cfg = ModelConfig.for_depth(2, model_dim=128, head_dim=32, vocab_size=256, sequence_len=64, n_kv_head=2)
-    model = GPT.build(cfg)
-    with torch.no_grad():
-        for p in model.parameters():  # init zeroes the output projections; random weights catch more mistakes
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return random_model(cfg, 0.05)
 
 
 def test_runner_prefill_chunks_then_decode_equal_dense():

@@ -22,13 +22,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 import bpe_rs
 from model.config import ModelConfig
-from model.gpt import GPT
 from infer.server import Server, ServerConfig, ServerThread
 from tests.browser import Browser, find_chromium
+from tests.models import random_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "web"
@@ -60,13 +59,8 @@ IDLE = "!document.body.classList.contains('generating')"
 @pytest.fixture(scope="module")
 def model_and_tok():
     tok = bpe_rs.train_from_iterator([inspect.getsource(textwrap)], vocab_size=400)
-    torch.manual_seed(0)
     cfg = ModelConfig.for_depth(2, model_dim=64, head_dim=32, vocab_size=tok.vocab_size, sequence_len=CONTEXT)
-    model = GPT.build(cfg)
-    with torch.no_grad():  # init zeroes the output projections; noise makes the answer depend on the prompt
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model, tok
+    return random_model(cfg, 0.1), tok
 
 
 @contextlib.contextmanager
