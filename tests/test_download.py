@@ -7,6 +7,7 @@ file is a 404. Nothing leaves 127.0.0.1.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import random
 import re
@@ -119,6 +120,19 @@ def _make_handler(hub: FakeHub):
     return Handler
 
 
+@contextlib.contextmanager
+def serve_in_thread(handler: type[BaseHTTPRequestHandler]):
+    """A ThreadingHTTPServer on 127.0.0.1 (ephemeral port) serving in a daemon thread; yields the port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def hub(tmp_path):
     root = tmp_path / "served"
@@ -126,14 +140,9 @@ def hub(tmp_path):
     for i in [0, 1, 2, 3, DS.val_index]:
         (root / dl.shard_name(i)).write_bytes(make_shard_bytes(seed=i))
     hub = FakeHub(root)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(hub))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    hub.url = f"http://127.0.0.1:{server.server_address[1]}/datasets/fixture/resolve/main"
-    yield hub
-    server.shutdown()
-    server.server_close()
+    with serve_in_thread(_make_handler(hub)) as port:
+        hub.url = f"http://127.0.0.1:{port}/datasets/fixture/resolve/main"
+        yield hub
 
 
 def _download(hub, tmp_path, indices, **kw):

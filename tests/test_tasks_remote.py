@@ -15,7 +15,7 @@ import socket
 import threading
 import zipfile
 from collections import Counter, defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.chat import normalize_messages
+from tests.test_download import serve_in_thread
 from train import core_eval
 from train import download as dl
 from train.tasks import remote
@@ -183,14 +184,9 @@ def server(tmp_path_factory):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_bytes(body)
     hub = FakeHub(root)
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(hub))
-    srv.daemon_threads = True
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    hub.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    yield hub
-    srv.shutdown()
-    srv.server_close()
+    with serve_in_thread(_make_handler(hub)) as port:
+        hub.url = f"http://127.0.0.1:{port}"
+        yield hub
 
 
 @pytest.fixture
