@@ -3,6 +3,7 @@
 - Without CUDA, Triton kernels run under the Triton interpreter: TRITON_INTERPRET=1 must be set before triton is
   first imported, so it is decided here from the driver's presence (not by importing torch first).
 - The `gpu` marker is honoured by one hook: such tests are skipped when no CUDA device is present.
+- `one_thread`: a fixture that runs a test with one torch intra-op thread and restores the count after.
 """
 
 import os
@@ -35,3 +36,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test (restored after): on a loaded 2-core machine intra-op threads spin
+    against each other (measured ~50x slower small ops)."""
+    import torch  # here, not at the top: this module must run before torch is imported
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

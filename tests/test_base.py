@@ -55,12 +55,7 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
     return root / "shards", root / "tok"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def argv(data, run_dir, *extra) -> list[str]:

@@ -9,7 +9,6 @@ import json
 import time
 
 import pytest
-import torch
 
 import bpe_rs
 from model.config import ModelConfig
@@ -150,21 +149,13 @@ def test_schema_and_lm_items_match_sources(items):
                                   "Question: Where did she live?\nAnswer:")
 
 
-@pytest.fixture
-def one_thread():
-    # Intra-op threads on a loaded 2-core machine spin against each other (measured ~50x slower small ops).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_tiny_model_evaluates_the_bundle(bundle, items, one_thread):
     texts = [json.dumps(x) for x in items["arc_easy"][:300] + items["coqa"][:20] + items["hellaswag"][:100]]
     tok = bpe_rs.train_from_iterator(texts, vocab_size=512)
     cfg = ModelConfig.for_depth(2, model_dim=64, head_dim=32, vocab_size=tok.vocab_size, sequence_len=256,
                                 n_kv_head=1)
-    out = evaluate_core(random_model(cfg, 0.1).eval(), tok, bundle, max_per_task=8, max_seq_len=cfg.sequence_len, log=None)
+    out = evaluate_core(random_model(cfg, 0.1).eval(), tok, bundle, max_per_task=8, max_seq_len=cfg.sequence_len,
+                        log=None)
     baselines = load_baselines(bundle)
     assert out["num_examples"] == {label: 8 for label in EXPECTED}
     for label, acc in out["accuracy"].items():
