@@ -319,6 +319,17 @@ def _minimal_env(tmp: str) -> dict[str, str]:
             "USER": "sandbox", "LOGNAME": "sandbox"}
 
 
+def _runs_as(uid: int | None, argv: list[str]) -> bool:
+    """Whether `argv` exits 0 when run as `uid` (None: as this process) from / with the sandbox's minimal env."""
+    ids = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
+    try:
+        r = subprocess.run(argv, cwd="/", env=_minimal_env("/"), stdin=subprocess.DEVNULL, capture_output=True,
+                           timeout=30, **ids)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0
+
+
 def _pick_stage2_python(uid: int | None) -> str:
     """An interpreter the sandbox uid can run *and import the stdlib with*.
 
@@ -337,13 +348,7 @@ def _pick_stage2_python(uid: int | None) -> str:
         for py in dict.fromkeys(candidates):
             if not os.path.exists(py):
                 continue
-            try:
-                r = subprocess.run([py, "-I", "-S", "-c", "import json, math, traceback, collections, re"],
-                                   user=uid, group=uid, extra_groups=[], cwd="/", env=_minimal_env("/"),
-                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
-            except (OSError, subprocess.SubprocessError):
-                continue
-            if r.returncode == 0:
+            if _runs_as(uid, [py, "-I", "-S", "-c", "import json, math, traceback, collections, re"]):
                 _stage2_python[key] = py
                 return py
         raise RuntimeError(f"no Python interpreter is usable by sandbox uid {uid}; tried {candidates}")
@@ -357,17 +362,9 @@ def _seccomp_launcher(uid: int | None, python: str) -> str | None:
         if key in _seccomp_launchers:
             return _seccomp_launchers[key]
         path = str(SECCOMP_LAUNCHER)
-        found = None
-        if os.access(path, os.X_OK):
-            ids = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
-            try:
-                r = subprocess.run([path, python, "-I", "-S", "-c", "pass"], cwd="/", env=_minimal_env("/"),
-                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=30, **ids)
-                found = path if r.returncode == 0 else None
-            except (OSError, subprocess.SubprocessError):
-                pass
-        _seccomp_launchers[key] = found
-        return found
+        works = os.access(path, os.X_OK) and _runs_as(uid, [path, python, "-I", "-S", "-c", "pass"])
+        _seccomp_launchers[key] = path if works else None
+        return _seccomp_launchers[key]
 
 
 def _threads_of_uid(uid: int) -> int:
